@@ -1,0 +1,86 @@
+"""Plots of a run's curves and layer-wise barriers (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lmc.barriers import curve  # noqa: E402
+
+__all__ = ["plot_curves", "plot_layerwise", "plot_run"]
+
+
+def _methods(rows, layered: bool) -> list[str]:
+    seen = []
+    for r in rows:
+        if bool(r["layer"]) == layered and r["method"] not in seen:
+            seen.append(r["method"])
+    return seen
+
+
+def plot_curves(rows: list[Mapping], path: str | os.PathLike, title: str = "") -> Path:
+    """Loss and error along α for every method (colour) and split (solid train, dashed test)."""
+    whole = [r for r in rows if not r["layer"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, method in enumerate(_methods(whole, layered=False)):
+        for split, style in (("train", "-"), ("test", "--")):
+            try:
+                c = curve(whole, method, split)
+            except KeyError:
+                continue
+            for ax, metric in zip(axes, ("loss", "error")):
+                ax.plot(c["alpha"], c[metric], style, color=f"C{i}", marker=".", label=f"{method} ({split})")
+    for ax, metric in zip(axes, ("loss", "error")):
+        ax.set_xlabel("α  (0 = model A, 1 = model B)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layerwise(layerwise: Mapping, path: str | os.PathLike, split: str = "test", title: str = "") -> Path:
+    """Bar chart of layer-wise loss and error barriers per layer, one bar colour per method."""
+    methods = list(layerwise)
+    layers = list(dict.fromkeys(layer for m in methods for layer in layerwise[m]))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.2 * len(layers) + 4), 3.8))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        for ax, metric in zip(axes, ("loss", "error")):
+            vals = [layerwise[method].get(layer, {}).get(split, {}).get(metric, float("nan")) for layer in layers]
+            ax.bar([j + i * width for j in range(len(layers))], vals, width, color=f"C{i}", label=method)
+    for ax, metric in zip(axes, ("loss", "error")):
+        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(layers))], layers, rotation=45,
+                      ha="right", fontsize=8)
+        ax.set_ylabel(f"layer-wise {metric} barrier ({split})")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str | os.PathLike, results: Mapping, rows: list[Mapping]) -> list[Path]:
+    """Write ``curves.png`` (and ``layerwise.png`` when there are layer-wise results) to ``run_dir``."""
+    run_dir = Path(run_dir)
+    title = f"{results['experiment']}  seeds {results['seeds']}"
+    paths = [plot_curves(rows, run_dir / "curves.png", title)]
+    if results.get("layerwise"):
+        paths.append(plot_layerwise(results["layerwise"], run_dir / "layerwise.png", title=title))
+    return paths

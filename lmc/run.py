@@ -1,0 +1,133 @@
+"""One LMC run: ``python -m lmc.run [overrides]`` (Hydra; ``--help`` lists the config groups).
+
+    config ─► data ─► train seed pair ─► align ─► interpolate over α ─► barriers ─► report
+
+Each stage is a plain function from its own module; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lmc.alignment import align
+from lmc.barriers import barriers_from_curves, layerwise_barriers
+from lmc.config import check_choices, check_seeds, resolve_device
+from lmc.data import load_dataset
+from lmc.errors import ConfigError
+from lmc.interpolation import alpha_grid, layerwise_sweep, sweep
+from lmc.models import build_model
+from lmc.permutation import apply_permutation, permutation_spec
+from lmc.plotting import plot_run
+from lmc.results import summary_table, write_curves, write_results
+from lmc.tracking import flatten, tracker
+from lmc.training import TrainConfig, evaluate, seeded_init, train
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class Timings(dict):
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """The whole method for one seed pair; writes the run directory's contract files."""
+    seeds = check_seeds(cfg.seeds)
+    check_choices(cfg.data.name, cfg.model.name, cfg.align.method)
+    train_cfg = TrainConfig(**cfg.train)
+    alphas = alpha_grid(cfg.interp.num_alphas)
+    device = resolve_device(cfg.device)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    timings = Timings()
+
+    with timings("data"):
+        data = load_dataset(cfg.data.name, cfg.data.root).to(device)
+    splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
+
+    with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{seeds[0]}-{seeds[1]}") as track:
+        with timings("train"):
+            models = []
+            for tag, seed in zip("ab", seeds):
+                model = seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
+                                                        **_model_kwargs(cfg.model)), seed).to(device)
+                train(model, data, train_cfg, data_seed=seed, progress=cfg.progress and f"train {tag} (seed {seed})")
+                models.append(model)
+        model_a, model_b = models
+        endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy))) for split, xy in splits.items()}
+                     for tag, m in zip("ab", models)}
+
+        with timings("align"):
+            spec = permutation_spec(model_a, data.x_train[:2])
+            sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+            candidates = {"naive": sd_b}
+            perm = align(cfg.align.method, spec, model_a, model_b, data, cfg.align)
+            if perm is not None:
+                candidates[cfg.align.method] = apply_permutation(spec, perm, sd_b)
+
+        with timings("interpolate"):
+            rows = []
+            for method, sd in candidates.items():
+                rows += sweep(model_a, sd_a, sd, alphas, splits, method, progress=cfg.progress)
+                if cfg.interp.layerwise:
+                    rows += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method, spec.layers,
+                                            progress=cfg.progress)
+
+        results = {
+            "experiment": cfg.name,
+            "seeds": seeds,
+            "config": config,
+            "endpoints": endpoints,
+            "barriers": barriers_from_curves(rows),
+            "layerwise": layerwise_barriers(rows, endpoints) if cfg.interp.layerwise else {},
+            "timings": dict(timings),
+        }
+        with timings("report"):
+            write_curves(run_dir, rows)
+            write_results(run_dir, results)
+            plots = plot_run(run_dir, results, rows)
+            _save_models(run_dir, cfg, models, seeds)
+        results["timings"] = dict(timings)
+        write_results(run_dir, results)
+        track.log_curves(rows)
+        track.log_images(plots)
+        track.log_summary({**flatten("barrier", results["barriers"]), **flatten("layerwise", results["layerwise"]),
+                           **flatten("endpoint", endpoints)})
+    print(summary_table(results))
+    print(f"run directory: {run_dir}")
+    return results
+
+
+def _model_kwargs(model_cfg: DictConfig) -> dict:
+    return {k: v for k, v in model_cfg.items() if k != "name"}
+
+
+def _save_models(run_dir: Path, cfg: DictConfig, models, seeds) -> None:
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    for tag, model, seed in zip("ab", models, seeds):
+        torch.save({"model": OmegaConf.to_container(cfg.model, resolve=True), "seed": seed,
+                    "state_dict": model.state_dict()}, ckpt_dir / f"model_{tag}.pt")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> dict | None:
+    try:
+        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

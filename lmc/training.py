@@ -1,0 +1,150 @@
+"""Training and evaluation: a plain loop over tensors already on the device."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from lmc.data import Dataset
+from lmc.errors import ConfigError
+
+__all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "seeded_init", "train"]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60  # passes over the training set
+    batch_size: int = 128  # examples per optimiser step
+    lr: float = 1e-3  # peak learning rate
+    optimizer: str = "adam"  # adam | adamw | sgd
+    momentum: float = 0.9  # SGD momentum (ignored by Adam)
+    weight_decay: float = 0.0  # L2 (sgd, adam) or decoupled (adamw) weight decay
+    schedule: str = "cosine"  # cosine | linear | constant, stepped every batch
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be a positive integer, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"train.batch_size must be a positive integer, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"unknown train.optimizer '{self.optimizer}'; valid: adam, adamw, sgd")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"unknown train.schedule '{self.schedule}'; valid: cosine, linear, constant")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def seeded_init(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``build()`` with the global torch RNG seeded by ``seed`` (restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warmup = int(cfg.warmup_epochs * total_steps / cfg.epochs)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        if cfg.schedule == "linear":
+            return 1 - t
+        return 1.0
+
+    return factor
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    data_seed: int,
+    progress: bool | str = True,
+) -> list[dict]:
+    """Train ``model`` in place on ``data`` (tensors already on the model's device).
+
+    The order of examples is drawn from a generator seeded by ``data_seed`` alone, so the model's
+    initialisation and its data order are independent choices. Returns one record per epoch
+    (``epoch``, ``loss``: mean training loss, ``lr``).
+    """
+    x, y = data.x_train, data.y_train
+    n = len(y)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch * cfg.epochs))
+    order_gen = torch.Generator(device="cpu").manual_seed(data_seed)
+    history = []
+    desc = progress if isinstance(progress, str) else "train"
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    model.train()
+    # first optimiser step whose loss was not finite (-1: none); kept on the device, read once per epoch
+    first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
+    for epoch in bar:
+        order = torch.randperm(n, generator=order_gen).to(x.device)
+        total = torch.zeros((), device=x.device)
+        for i in range(steps_per_epoch):
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach() * len(idx)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                    epoch * steps_per_epoch + i + 1, first_bad)
+        mean_loss = total.item() / n
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(f"training loss became {mean_loss} at step {first_bad.item()} "
+                                   f"(epoch {epoch + 1}); lower train.lr?")
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": sched.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{mean_loss:.3f}")
+    model.eval()
+    return history
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 8192,
+    params: dict[str, torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` (or of ``model`` with ``params`` swapped in,
+    via :func:`torch.func.functional_call`) on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        out = model(xb) if params is None else torch.func.functional_call(model, params, (xb,))
+        loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").double()
+        correct += (out.argmax(1) == yb).sum()
+    model.train(was_training)
+    return loss_sum.item() / len(y), correct.item() / len(y)

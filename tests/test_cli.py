@@ -1,0 +1,122 @@
+"""End-to-end runs of ``python -m lmc.run`` as users type it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lmc.results import CURVE_COLUMNS, read_curves
+
+TINY = ["model.width=16", "model.depth=2", "train.epochs=2", "interp.num_alphas=5", "progress=false"]
+
+
+def lmc_run(args, tmp_path, data_root, env=None):
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "DATA_DIR": str(data_root), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "lmc.run", *args],
+        cwd=tmp_path, env=full_env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp("run")
+    run_dir = tmp / "out"
+    proc = lmc_run([*TINY, "logger=none", f"hydra.run.dir={run_dir}"], tmp, data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_tiny_run_writes_the_contract_files(tiny_run):
+    run_dir, proc = tiny_run
+    for name in ("results.json", "curves.csv", "curves.png", "layerwise.png"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["experiment"] == "mlp_mnist1d" and results["seeds"] == [0, 1]
+    assert results["config"]["model"]["width"] == 16
+    assert set(results["barriers"]) == {"naive", "weight_matching"}
+    for method in results["barriers"]:
+        for split in ("train", "test"):
+            b = results["barriers"][method][split]
+            assert set(b) == {"loss", "error", "loss_midpoint", "error_midpoint", "loss_frankle", "error_frankle"}
+            assert -1e-9 <= b["error"] <= 1
+    assert set(results["layerwise"]["weight_matching"]) == {"fc1", "fc2", "head"}
+    for split in ("train", "test"):
+        for tag in ("a", "b"):
+            e = results["endpoints"][tag][split]
+            assert e["loss"] > 0 and 0 <= e["acc"] <= 1
+    assert set(results["timings"]) >= {"data", "train", "align", "interpolate"}
+    # curves: 2 methods × (1 whole + 3 layers) × 2 splits × 5 α
+    rows = read_curves(run_dir)
+    assert (run_dir / "curves.csv").read_text().splitlines()[0] == ",".join(CURVE_COLUMNS)
+    assert len(rows) == 2 * 4 * 2 * 5
+    # curve ends are the endpoints, and barriers are recomputable from curves.csv alone
+    from lmc.barriers import barriers_from_curves
+    from lmc.tracking import flatten
+
+    ends = {r["alpha"]: r for r in rows if r["method"] == "naive" and not r["layer"] and r["split"] == "test"}
+    assert ends[0.0]["loss"] == pytest.approx(results["endpoints"]["a"]["test"]["loss"], rel=1e-5)
+    assert ends[1.0]["acc"] == pytest.approx(results["endpoints"]["b"]["test"]["acc"])
+    assert flatten("", barriers_from_curves(rows)) == pytest.approx(flatten("", results["barriers"]), abs=1e-12)
+    # the summary table is printed
+    assert "weight_matching" in proc.stdout and "barriers" in proc.stdout
+
+
+def test_figures_regenerate_from_stored_files(tiny_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run[0], run_dir)
+    for png in run_dir.glob("*.png"):
+        png.unlink()
+    proc = subprocess.run([sys.executable, "-m", "lmc.figures", str(run_dir)], capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert (run_dir / "layerwise.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "lmc.figures", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_wandb_offline_run_lands_in_run_directory(tmp_path, data_root):
+    run_dir = tmp_path / "out"
+    proc = lmc_run([*TINY, "interp.layerwise=false", "logger=wandb", f"hydra.run.dir={run_dir}"], tmp_path,
+                   data_root, env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert list(offline[0].glob("*.wandb")), "offline run has no data file"
+    assert (run_dir / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.width=0", "model.width must be a positive integer, got 0"),
+        ("train.epochs=-1", "train.epochs must be a positive integer, got -1"),
+        ("align.method=magic", "unknown align.method 'magic'; valid: none, weight_matching"),
+        ("data.name=imagenet", "unknown data.name 'imagenet'; valid: mnist1d"),
+        ("model.name=transformer", "unknown model.name 'transformer'; valid: mlp"),
+        ("seeds=[1,1]", "seeds must be 2 distinct integers"),
+        ("seeds=[1,2,3]", "seeds must be 2 distinct integers"),
+        ("device=tpu", "unknown device 'tpu'; valid: auto, cpu, cuda"),
+        ("logger.mode=loud", "unknown logger.mode 'loud'; valid: auto, online, offline, disabled"),
+    ],
+)
+def test_bad_input_is_one_clear_line(override, message, tmp_path, data_root):
+    proc = lmc_run([*TINY, override, f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, data_root)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_help_and_cfg_job(tmp_path, data_root):
+    help_ = lmc_run(["--help"], tmp_path, data_root)
+    assert help_.returncode == 0
+    for group in ("data", "model", "train", "align", "interp", "logger", "experiment"):
+        assert f"{group}:" in help_.stdout
+    cfg = lmc_run(["--cfg", "job", "model.width=7"], tmp_path, data_root)
+    assert cfg.returncode == 0 and "width: 7" in cfg.stdout and "name: mlp_mnist1d" in cfg.stdout

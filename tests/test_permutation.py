@@ -1,0 +1,152 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lmc.barriers import barrier
+from lmc.interpolation import alpha_grid, sweep
+from lmc.models import build_model
+from lmc.permutation import (
+    UnsupportedOperationError,
+    apply_permutation,
+    invert_permutation,
+    matching_objective,
+    permutation_spec,
+    random_permutation,
+    weight_matching,
+)
+from lmc.training import seeded_init
+
+
+def mlp(width, depth=3, seed=0, in_features=40):
+    return seeded_init(lambda: build_model("mlp", (in_features,), 10, width=width, depth=depth), seed)
+
+
+def permuted_copy(model, spec, seed):
+    perm = random_permutation(spec, torch.Generator().manual_seed(seed))
+    other = copy.deepcopy(model)
+    other.load_state_dict(apply_permutation(spec, perm, model.state_dict()))
+    return other, perm
+
+
+def test_mlp_spec_groups_and_axes():
+    spec = permutation_spec(mlp(32, depth=3), torch.randn(2, 40))
+    assert spec.sizes == {"P_fc1": 32, "P_fc2": 32, "P_fc3": 32}
+    assert spec.axes_to_perm["fc1.weight"] == ("P_fc1", None)  # input features stay fixed
+    assert spec.axes_to_perm["fc2.weight"] == ("P_fc2", "P_fc1")
+    assert spec.axes_to_perm["fc2.bias"] == ("P_fc2",)
+    assert spec.axes_to_perm["head.weight"] == (None, "P_fc3")  # logits stay fixed
+    assert spec.axes_to_perm["head.bias"] == (None,)
+    assert list(spec.layers) == ["fc1", "fc2", "fc3", "head"]
+
+
+@pytest.mark.parametrize("width,depth", [(16, 2), (128, 4)])
+def test_random_permutation_preserves_outputs(width, depth):
+    model = mlp(width, depth)
+    x = torch.randn(64, 40)
+    spec = permutation_spec(model, x[:2])
+    permuted, perm = permuted_copy(model, spec, seed=3)
+    # the permutation really moved the weights...
+    assert not torch.equal(permuted.fc1.weight, model.fc1.weight)
+    assert all(not torch.equal(p, torch.arange(len(p))) for p in perm.values())
+    # ...and the function is the same
+    diff = (permuted(x) - model(x)).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_permutation_then_inverse_is_identity():
+    model = mlp(64)
+    spec = permutation_spec(model, torch.randn(2, 40))
+    perm = random_permutation(spec, 7)
+    sd = model.state_dict()
+    back = apply_permutation(spec, invert_permutation(perm), apply_permutation(spec, perm, sd))
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("width", [32, 256])
+def test_weight_matching_recovers_random_permutation(width):
+    model = mlp(width, seed=width)
+    x = torch.randn(128, 40)
+    spec = permutation_spec(model, x[:2])
+    perm = random_permutation(spec, 11)
+    sd_a = model.state_dict()
+    sd_b = apply_permutation(spec, perm, sd_a)
+    found = weight_matching(spec, sd_a, sd_b, seed=0)
+    # aligning B undoes the permutation: found = perm^-1
+    inverse = invert_permutation(perm)
+    assert all(torch.equal(found[g], inverse[g]) for g in spec.groups)
+    aligned = apply_permutation(spec, found, sd_b)
+    assert all(torch.equal(aligned[k], sd_a[k]) for k in sd_a)
+    # and the interpolation barrier of A and aligned B is zero
+    y = torch.randint(0, 10, (128,))
+    rows = sweep(model, sd_a, aligned, alpha_grid(9), {"test": (x, y)}, "wm")
+    losses = [r["loss"] for r in rows]
+    assert abs(barrier(alpha_grid(9), losses)) <= 1e-6
+    # the objective reached equals ‖θ_A‖² over the permuted entries, the maximum possible
+    best = sum(float((sd_a[k].double() ** 2).sum()) for k in sd_a if any(spec.axes_to_perm[k]))
+    assert matching_objective(spec, found, sd_a, sd_b) == pytest.approx(best, rel=1e-12)
+
+
+def test_weight_matching_improves_objective_on_independent_models():
+    a, b = mlp(64, seed=0), mlp(64, seed=1)
+    spec = permutation_spec(a, torch.randn(2, 40))
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    found = weight_matching(spec, pa, pb)
+    assert matching_objective(spec, found, pa, pb) > matching_objective(spec, ident, pa, pb) + 1e-3
+    # seeded: the same seed gives the same permutation
+    again = weight_matching(spec, pa, pb)
+    assert all(torch.equal(found[g], again[g]) for g in found)
+
+
+class ConvFlatten(nn.Module):
+    """Conv → BN → ReLU → flatten (3 spatial positions per channel) → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 8, 3, stride=2)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8 * 3, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.flatten(x, 1)
+        return self.out(torch.relu(self.fc(x)))
+
+
+def test_flatten_permutes_blocks_and_bn_stats_follow():
+    model = seeded_init(ConvFlatten, 0)
+    x = torch.randn(32, 1, 8)
+    model.train()
+    model(x)  # populate running stats
+    model.eval()
+    spec = permutation_spec(model, x[:2])
+    assert spec.axes_to_perm["bn.running_mean"] == ("P_conv",)
+    assert spec.block("fc.weight", 1) == 3
+    permuted, _ = permuted_copy(model, spec, seed=1)
+    assert (permuted(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.cat([h[:, :4], h[:, 4:]], dim=1))
+
+
+def test_unsupported_operation_is_named():
+    with pytest.raises(UnsupportedOperationError, match=r"getitem|cat"):
+        permutation_spec(Concat(), torch.randn(2, 4))
+
+
+def test_grouped_conv_is_rejected_with_module_name():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 4, 5, 5))
+    with pytest.raises(UnsupportedOperationError, match=r"module '0' \(Conv2d\).*grouped"):
+        permutation_spec(model, torch.randn(1, 4, 5, 5))
