@@ -96,17 +96,23 @@ def test_wandb_offline_run_lands_in_run_directory(tmp_path, data_root):
     [
         ("model.width=0", "model.width must be a positive integer, got 0"),
         ("train.epochs=-1", "train.epochs must be a positive integer, got -1"),
-        ("align.method=magic", "unknown align.method 'magic'; valid: none, weight_matching"),
+        ("align.method=magic",
+         "unknown align.method 'magic'; valid: activation_matching, none, sinkhorn, ste, weight_matching"),
         ("data.name=imagenet", "unknown data.name 'imagenet'; valid: mnist1d"),
-        ("model.name=transformer", "unknown model.name 'transformer'; valid: mlp"),
+        ("model.name=transformer", "unknown model.name 'transformer'; valid: cnn1d, mlp, resnet20, vgg"),
         ("seeds=[1,1]", "seeds must be 2 distinct integers"),
         ("seeds=[1,2,3]", "seeds must be 2 distinct integers"),
+        ("seeds=[1,2,3] align.merge=everything",
+         "unknown align.merge 'everything'; valid: none, reference, merge_many"),
+        ("seeds=[1,1,2] align.merge=reference", "seeds must be at least 2 distinct integers"),
+        ("seeds=[1,2,3] align.merge=merge_many align.method=none",
+         "align.merge=merge_many needs an alignment method"),
         ("device=tpu", "unknown device 'tpu'; valid: auto, cpu, cuda"),
         ("logger.mode=loud", "unknown logger.mode 'loud'; valid: auto, online, offline, disabled"),
     ],
 )
 def test_bad_input_is_one_clear_line(override, message, tmp_path, data_root):
-    proc = lmc_run([*TINY, override, f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, data_root)
+    proc = lmc_run([*TINY, *override.split(" "), f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, data_root)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
