@@ -7,6 +7,7 @@ Each stage is a plain function from its own module; this file only wires them to
 
 from __future__ import annotations
 
+import string
 import sys
 import time
 from contextlib import contextmanager
@@ -61,7 +62,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{seeds[0]}-{seeds[1]}") as track:
         with timings("train"):
             models = []
-            for tag, seed in zip("ab", seeds):
+            for tag, seed in zip(string.ascii_lowercase, seeds):  # models a, b (, c, … when merging)
                 model = seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
                                                         **_model_kwargs(cfg.model)), seed).to(device)
                 train(model, data, train_cfg, data_seed=seed, progress=cfg.progress and f"train {tag} (seed {seed})")

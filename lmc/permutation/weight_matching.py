@@ -10,8 +10,10 @@ The result is the reference algorithm's; the work is organised to avoid repeatin
 * every state-dict entry a group acts on is reshaped once, A to an ``(n, m)`` matrix and B to
   ``(n, *other axes)`` with the group's axis first, so a cost term needs one gather over the other
   permuted axes (none if there are none) and one matmul (float32 by default, accumulated in float64);
-* a cost term is cached with the versions of the groups it depends on and recomputed only when one of
-  them changed; terms that depend on no other group are summed once;
+* a cost term is cached with the permutations it was computed for; when the one other group it depends
+  on has changed at only some units K, it is updated by the matmul over K alone (``ΔC = A_K (B_new_K −
+  B_old_K)ᵀ``) instead of recomputed — late passes move few units, so they cost little; terms that
+  depend on no other group are summed once;
 * a group whose cost matrix is unchanged since its last assignment cannot improve, so its assignment
   is skipped (the final "no improvement" pass usually costs nothing).
 """
@@ -44,9 +46,11 @@ def matching_objective(
 class _Term:
     """One state-dict entry's contribution to one group's cost matrix."""
 
-    a: torch.Tensor  # (n, m): A's entry with the group's axis (n blocks) first
-    b: torch.Tensor  # (n, *rest): B's entry with the group's axis first, other axes unflattened
-    others: list[tuple[int, str, int]]  # (axis in b, group, block) of the other permuted axes
+    a: torch.Tensor  # (n, *rest): A's entry with the group's axis (n blocks) first, other axes unflattened
+    b: torch.Tensor  # (n, *rest): the same for B
+    others: list[tuple[int, str, int]]  # (axis in a/b, group, block) of the other permuted axes
+    cost: torch.Tensor | None = None  # cached (n, n) float64 cost ...
+    used: list[torch.Tensor] | None = None  # ... and the permutations of ``others`` it was computed with
 
 
 def _terms(spec: PermutationSpec, a: dict, b: dict, dtype: torch.dtype) -> dict[str, list[_Term]]:
@@ -63,7 +67,10 @@ def _terms(spec: PermutationSpec, a: dict, b: dict, dtype: torch.dtype) -> dict[
                 if other is not None and axis != ref.axis:
                     new_axis = axis + 1 if axis < ref.axis else axis
                     others.append((new_axis, other, spec.block(ref.key, axis)))
-            terms.setdefault(g, []).append(_Term(wa.reshape(n, -1).contiguous(), wb, others))
+            if spec.block(ref.key, ref.axis) > 1:
+                wa, wb = wa.reshape(n, -1, *wa.shape[1:]), wb.reshape(n, -1, *wb.shape[1:])
+                others = [(axis + 1, other, blk) for axis, other, blk in others]
+            terms.setdefault(g, []).append(_Term(wa.contiguous(), wb, others))
     return terms
 
 
@@ -73,7 +80,29 @@ def _term_cost(term: _Term, perm: Permutation, n: int) -> torch.Tensor:
         p = perm[other]
         if not torch.equal(p, torch.arange(len(p))):
             wb = wb.index_select(axis, _expand(p, block).to(wb.device))
-    return (term.a @ wb.reshape(n, -1).T).double()
+    return (term.a.reshape(n, -1) @ wb.reshape(n, -1).T).double()
+
+
+def _cached_cost(term: _Term, perm: Permutation, n: int) -> torch.Tensor:
+    """``_term_cost``, from the cache when the other groups are unchanged, or updated over the changed units."""
+    current = [perm[o] for _, o, _ in term.others]
+    if term.cost is not None:
+        changed = [not torch.equal(c, u) for c, u in zip(current, term.used)]
+        if not any(changed):
+            return term.cost
+        if len(term.others) == 1:
+            (axis, _, block), old, new = term.others[0], term.used[0], current[0]
+            units = torch.nonzero(old != new).flatten()
+            if len(units) <= len(new) // 3:  # update over the changed units only
+                dev = term.b.device
+                a_k = term.a.index_select(axis, _expand(units, block).to(dev)).reshape(n, -1)
+                b_new = term.b.index_select(axis, _expand(new[units], block).to(dev)).reshape(n, -1)
+                b_old = term.b.index_select(axis, _expand(old[units], block).to(dev)).reshape(n, -1)
+                term.cost = term.cost + (a_k @ (b_new - b_old).T).double()
+                term.used = current
+                return term.cost
+    term.cost, term.used = _term_cost(term, perm, n), current
+    return term.cost
 
 
 def cost_matrices(
@@ -107,7 +136,6 @@ def weight_matching(
     version = dict.fromkeys(spec.sizes, 0)
     # per group: constant part (terms with no other group) and cached dependent terms
     const: dict[str, torch.Tensor] = {}
-    cache: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
     solved_at: dict[str, tuple[int, ...]] = {}
     deps = {g: sorted({o for t in terms[g] for _, o, _ in t.others}) for g in groups}
     for g in groups:
@@ -116,6 +144,8 @@ def weight_matching(
         const[g] = sum((_term_cost(t, perm, n) for t in fixed), torch.zeros(n, n, dtype=torch.float64,
                                                                            device=fixed[0].a.device if fixed
                                                                            else "cpu"))
+        for t in terms[g]:
+            t.cost = t.used = None
     rng = np.random.default_rng(seed)
     for _ in range(max_iter):
         progress = False
@@ -126,15 +156,9 @@ def weight_matching(
             if solved_at.get(g) == state:
                 continue  # same cost matrix as at this group's last assignment: no improvement possible
             cost = const[g].clone()
-            for i, t in enumerate(terms[g]):
-                if not t.others:
-                    continue
-                t_state = tuple(version[o] for _, o, _ in t.others)
-                hit = cache.get((g, i))
-                if hit is None or hit[0] != t_state:
-                    hit = (t_state, _term_cost(t, perm, n))
-                    cache[(g, i)] = hit
-                cost = cost.to(hit[1].device) + hit[1]
+            for t in terms[g]:
+                if t.others:
+                    cost = cost + _cached_cost(t, perm, n).to(cost.device)
             cost_np = cost.cpu().numpy()
             _, col = linear_sum_assignment(cost_np, maximize=True)
             rows = np.arange(n)
