@@ -304,3 +304,23 @@ def test_diagnostics_singular_vectors_by_hand():
     assert layer["sv_a"] == pytest.approx([3.0, 1.0]) and layer["sv_b"] == pytest.approx([3.0, 1.0])
     assert layer["left_before"] == pytest.approx([0.0, 0.0]) and layer["left_after"] == pytest.approx([1.0, 1.0])
     assert d["l2_before"] == pytest.approx((9 + 1 + 9 + 1 + 4) ** 0.5) and d["l2_after"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "align")
+                                        .glob("*.yaml")))
+def test_every_align_config_runs(name):
+    from hydra import compose, initialize_config_dir
+
+    from lmc.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"align={name}"])
+    assert cfg.align.method == name and cfg.align.merge == "none"
+    options = {**cfg.align, "steps": 2, "num_batches": 1, "batch_size": 8}
+    model, spec, sd_a, sd_b, perm, x, y = setup(lambda: build_model("mlp", (40,), 10, width=32, depth=2), (40,))
+    found = align(name, spec, model, as_model(model, sd_b), dataset(x, y), options)
+    if name == "none":
+        assert found is None
+    else:
+        assert set(found) == set(spec.groups)
+        assert all(torch.equal(torch.sort(p).values, torch.arange(len(p))) for p in found.values())
