@@ -19,18 +19,21 @@ __all__ = ["DEVICES", "check_seeds", "check_choices", "resolve_device"]
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def check_seeds(seeds: Sequence, count: int = 2) -> list[int]:
-    """``seeds`` as a list of ``count`` distinct integers."""
+def check_seeds(seeds: Sequence, count: int = 2, at_least: bool = False) -> list[int]:
+    """``seeds`` as a list of ``count`` (or, with ``at_least``, ``count`` or more) distinct integers."""
     try:
         values = list(seeds)
     except TypeError:
         values = None
     if (
         values is None
-        or len(values) != count
+        or (len(values) < count if at_least else len(values) != count)
         or not all(isinstance(s, int) and not isinstance(s, bool) for s in values)
-        or len(set(values)) != count
+        or len(set(values)) != len(values)
     ):
+        if at_least:
+            raise ConfigError(f"seeds must be at least {count} distinct integers when merging several models, "
+                              f"e.g. seeds=[0,1,2]; got {seeds}")
         raise ConfigError(f"seeds must be {count} distinct integers, e.g. seeds=[0,1]; got {seeds}")
     return values
 

@@ -7,6 +7,7 @@ Each stage is a plain function from its own module; this file only wires them to
 
 from __future__ import annotations
 
+import string
 import sys
 import time
 from contextlib import contextmanager
@@ -17,14 +18,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lmc.alignment import align
+from lmc.alignment import align, align_many, check_merge
 from lmc.barriers import barriers_from_curves, layerwise_barriers
 from lmc.config import check_choices, check_seeds, resolve_device
 from lmc.data import load_dataset
+from lmc.diagnostics import alignment_diagnostics
 from lmc.errors import ConfigError
 from lmc.interpolation import alpha_grid, layerwise_sweep, sweep
 from lmc.models import build_model
-from lmc.permutation import apply_permutation, permutation_spec
+from lmc.permutation import apply_permutation, pairwise_barriers, permutation_spec
 from lmc.plotting import plot_run
 from lmc.results import summary_table, write_curves, write_results
 from lmc.tracking import flatten, tracker
@@ -43,8 +45,10 @@ class Timings(dict):
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole method for one seed pair; writes the run directory's contract files."""
-    seeds = check_seeds(cfg.seeds)
+    merge = cfg.align.get("merge", "none")
     check_choices(cfg.data.name, cfg.model.name, cfg.align.method)
+    check_merge(merge, cfg.align.method)
+    seeds = check_seeds(cfg.seeds, at_least=merge != "none")
     train_cfg = TrainConfig(**cfg.train)
     alphas = alpha_grid(cfg.interp.num_alphas)
     device = resolve_device(cfg.device)
@@ -58,22 +62,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{seeds[0]}-{seeds[1]}") as track:
         with timings("train"):
             models = []
-            for tag, seed in zip("ab", seeds):
+            for tag, seed in zip(string.ascii_lowercase, seeds):  # models a, b (, c, … when merging)
                 model = seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
                                                         **_model_kwargs(cfg.model)), seed).to(device)
                 train(model, data, train_cfg, data_seed=seed, progress=cfg.progress and f"train {tag} (seed {seed})")
                 models.append(model)
-        model_a, model_b = models
+        model_a, model_b = models[:2]
         endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy))) for split, xy in splits.items()}
                      for tag, m in zip("ab", models)}
 
         with timings("align"):
             spec = permutation_spec(model_a, data.x_train[:2])
             sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-            candidates = {"naive": sd_b}
-            perm = align(cfg.align.method, spec, model_a, model_b, data, cfg.align)
+            candidates, diagnostics, pairwise = {"naive": sd_b}, {}, {}
+            if merge == "none":
+                perm = align(cfg.align.method, spec, model_a, model_b, data, cfg.align)
+            else:  # several models, all aligned into A's frame; barriers between every two of them
+                perms = align_many(cfg.align.method, merge, spec, models, data, cfg.align)
+                perm = perms[1]
+                sds = [m.state_dict() for m in models]
+                pairwise = {"naive": pairwise_barriers(model_a, sds, alphas, splits, seeds),
+                            cfg.align.method: pairwise_barriers(
+                                model_a, [apply_permutation(spec, p, sd) for p, sd in zip(perms, sds)],
+                                alphas, splits, seeds)}
             if perm is not None:
                 candidates[cfg.align.method] = apply_permutation(spec, perm, sd_b)
+                params = [dict(m.named_parameters()) for m in (model_a, model_b)]
+                diagnostics[cfg.align.method] = alignment_diagnostics(spec, *params, perm)
 
         with timings("interpolate"):
             rows = []
@@ -90,6 +105,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "endpoints": endpoints,
             "barriers": barriers_from_curves(rows),
             "layerwise": layerwise_barriers(rows, endpoints) if cfg.interp.layerwise else {},
+            "diagnostics": diagnostics,
+            **({"pairwise": pairwise} if pairwise else {}),
             "timings": dict(timings),
         }
         with timings("report"):
@@ -102,7 +119,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         track.log_curves(rows)
         track.log_images(plots)
         track.log_summary({**flatten("barrier", results["barriers"]), **flatten("layerwise", results["layerwise"]),
-                           **flatten("endpoint", endpoints)})
+                           **flatten("endpoint", endpoints), **flatten("diagnostics", diagnostics),
+                           **flatten("pairwise", pairwise)})
     print(summary_table(results))
     print(f"run directory: {run_dir}")
     return results

@@ -48,6 +48,10 @@ def test_tiny_run_writes_the_contract_files(tiny_run):
             e = results["endpoints"][tag][split]
             assert e["loss"] > 0 and 0 <= e["acc"] <= 1
     assert set(results["timings"]) >= {"data", "train", "align", "interpolate"}
+    diag = results["diagnostics"]["weight_matching"]
+    assert diag["l2_after"] < diag["l2_before"] and diag["objective_after"] > diag["objective_before"]
+    assert set(diag["layers"]) == {"fc1.weight", "fc2.weight", "head.weight"}
+    assert "pairwise" not in results
     # curves: 2 methods × (1 whole + 3 layers) × 2 splits × 5 α
     rows = read_curves(run_dir)
     assert (run_dir / "curves.csv").read_text().splitlines()[0] == ",".join(CURVE_COLUMNS)
@@ -96,17 +100,23 @@ def test_wandb_offline_run_lands_in_run_directory(tmp_path, data_root):
     [
         ("model.width=0", "model.width must be a positive integer, got 0"),
         ("train.epochs=-1", "train.epochs must be a positive integer, got -1"),
-        ("align.method=magic", "unknown align.method 'magic'; valid: none, weight_matching"),
+        ("align.method=magic",
+         "unknown align.method 'magic'; valid: activation_matching, none, sinkhorn, ste, weight_matching"),
         ("data.name=imagenet", "unknown data.name 'imagenet'; valid: mnist1d"),
-        ("model.name=transformer", "unknown model.name 'transformer'; valid: mlp"),
+        ("model.name=transformer", "unknown model.name 'transformer'; valid: cnn1d, mlp, resnet20, vgg"),
         ("seeds=[1,1]", "seeds must be 2 distinct integers"),
         ("seeds=[1,2,3]", "seeds must be 2 distinct integers"),
+        ("seeds=[1,2,3] align.merge=everything",
+         "unknown align.merge 'everything'; valid: none, reference, merge_many"),
+        ("seeds=[1,1,2] align.merge=reference", "seeds must be at least 2 distinct integers"),
+        ("seeds=[1,2,3] align.merge=merge_many align.method=none",
+         "align.merge=merge_many needs an alignment method"),
         ("device=tpu", "unknown device 'tpu'; valid: auto, cpu, cuda"),
         ("logger.mode=loud", "unknown logger.mode 'loud'; valid: auto, online, offline, disabled"),
     ],
 )
 def test_bad_input_is_one_clear_line(override, message, tmp_path, data_root):
-    proc = lmc_run([*TINY, override, f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, data_root)
+    proc = lmc_run([*TINY, *override.split(" "), f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, data_root)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -120,3 +130,21 @@ def test_help_and_cfg_job(tmp_path, data_root):
         assert f"{group}:" in help_.stdout
     cfg = lmc_run(["--cfg", "job", "model.width=7"], tmp_path, data_root)
     assert cfg.returncode == 0 and "width: 7" in cfg.stdout and "name: mlp_mnist1d" in cfg.stdout
+
+
+def test_three_seeds_merged_report_pairwise_barriers(tmp_path, data_root):
+    run_dir = tmp_path / "out"
+    proc = lmc_run([*TINY, "train.epochs=1", "seeds=[0,1,2]", "align.merge=merge_many", "interp.layerwise=false",
+                    "logger=none", f"hydra.run.dir={run_dir}"], tmp_path, data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["seeds"] == [0, 1, 2]
+    pairs = results["pairwise"]
+    assert set(pairs) == {"naive", "weight_matching"}
+    assert set(pairs["weight_matching"]) == {"0-1", "0-2", "1-2"}
+    # the pair (A, B) in A's frame is the pair the main curves interpolate
+    for method in ("naive", "weight_matching"):
+        for split in ("train", "test"):
+            assert pairs[method]["0-1"][split]["loss"] == pytest.approx(results["barriers"][method][split]["loss"])
+    # the pairs with C differ from the naive ones once aligned
+    assert pairs["weight_matching"]["1-2"]["test"] != pairs["naive"]["1-2"]["test"]

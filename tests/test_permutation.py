@@ -150,3 +150,69 @@ def test_grouped_conv_is_rejected_with_module_name():
     model(torch.randn(1, 4, 5, 5))
     with pytest.raises(UnsupportedOperationError, match=r"module '0' \(Conv2d\).*grouped"):
         permutation_spec(model, torch.randn(1, 4, 5, 5))
+
+
+class Residual(nn.Module):
+    """Two residual blocks on one stream (identity shortcuts), written with functional ops."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.n1 = nn.BatchNorm2d(c)
+        self.b1, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.a2(torch.relu(self.n1(self.a1(x))))
+        x = x + self.b2(torch.relu(self.b1(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_residual_stream_is_one_group_and_points_are_block_inputs():
+    model = seeded_init(Residual, 0).eval()
+    x = torch.randn(4, 3, 6, 6)
+    spec = permutation_spec(model, x[:2])
+    stream = spec.axes_to_perm["stem.weight"][0]
+    for key in ("a2.weight", "b2.weight"):
+        assert spec.axes_to_perm[key][0] == stream  # the residual branch writes to the stream
+    for key in ("a1.weight", "b1.weight", "head.weight"):
+        assert spec.axes_to_perm[key][1] == stream  # ...and every reader reads it
+    assert spec.axes_to_perm["n1.running_var"] == (spec.axes_to_perm["a1.weight"][0],)
+    assert len(spec.groups) == 3
+    # activation points of the stream: the input of each block and the final features
+    assert [name for name, _, _ in spec.points[stream]] == ["relu", "add", "mean"]
+    permuted, _ = permuted_copy(model, spec, seed=2)
+    assert (permuted(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class AttentionOnFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.attn(h, h, h, need_weights=False)[0].sum(dim=1)
+
+
+class ScaleByParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.scale = nn.Parameter(torch.ones(8))
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.fc(x) * self.scale)
+
+
+@pytest.mark.parametrize("model,x,match", [
+    (AttentionOnFeatures(), torch.randn(2, 3, 4), r"module 'attn' \(MultiheadAttention\)"),
+    (ScaleByParameter(), torch.randn(2, 4), r"parameter 'scale'"),
+])
+def test_unknown_layers_on_permuted_features_are_named(model, x, match):
+    with pytest.raises(UnsupportedOperationError, match=match):
+        permutation_spec(model, x)

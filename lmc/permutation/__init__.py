@@ -1,5 +1,6 @@
 """Permutation symmetry: specs derived from models, applying permutations, alignment methods."""
 
+from lmc.permutation.activation_matching import activation_matching
 from lmc.permutation.apply import (
     Permutation,
     apply_permutation,
@@ -7,19 +8,35 @@ from lmc.permutation.apply import (
     invert_permutation,
     random_permutation,
 )
+from lmc.permutation.learned import sinkhorn_rebasin, ste
+from lmc.permutation.merge import align_to_reference, merge_many, pairwise_barriers
+from lmc.permutation.soft import apply_soft_permutation, permutation_matrix, sinkhorn_normalize
 from lmc.permutation.spec import AxisRef, PermutationSpec, UnsupportedOperationError, permutation_spec
-from lmc.permutation.weight_matching import matching_objective, weight_matching
+from lmc.permutation.weight_matching import cost_matrices, matching_objective, weight_matching
+
+sinkhorn = sinkhorn_rebasin
 
 __all__ = [
     "AxisRef",
     "Permutation",
     "PermutationSpec",
     "UnsupportedOperationError",
+    "activation_matching",
+    "align_to_reference",
     "apply_permutation",
+    "apply_soft_permutation",
+    "cost_matrices",
     "identity_permutation",
     "invert_permutation",
     "matching_objective",
+    "merge_many",
+    "pairwise_barriers",
+    "permutation_matrix",
     "permutation_spec",
     "random_permutation",
+    "sinkhorn",
+    "sinkhorn_normalize",
+    "sinkhorn_rebasin",
+    "ste",
     "weight_matching",
 ]

@@ -63,6 +63,9 @@ class PermutationSpec:
     axes_to_perm: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
     # layer (module) name -> its state-dict keys, in model order; used for layer-wise analyses
     layers: dict[str, list[str]] = field(default_factory=dict)
+    # group -> activation points: (fx node name, feature axis, block) of every traced tensor with that
+    # group's features that a Linear/Conv layer reads (used by activation matching)
+    points: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._blocks: dict[tuple[str, int], int] = {}
@@ -185,6 +188,7 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
     # state-dict key -> per-axis group ids (resolved at the end)
     key_axes: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # key -> [(axis, gid, block)]
     layers: dict[str, list[str]] = {}
+    points: dict[str, tuple[int, int, int]] = {}  # node name -> (group id, feature axis, block)
     modules = dict(gm.named_modules())
 
     def feat(arg) -> _Feat | None:
@@ -262,6 +266,8 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
             mod = modules[node.target]
             x = feat(node.args[0]) if node.args else None
             name = node.target
+            if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and permuted(x):
+                points[node.args[0].name] = (x.group, x.dim, x.block)
             if isinstance(mod, nn.Linear):
                 gin = input_feature(node, x, -1, mod.in_features)
                 block = x.block if x is not None else 1
@@ -366,7 +372,12 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
     for key, _ in list(model.named_parameters()) + list(model.named_buffers()):
         key_axes.setdefault(key, [])
 
-    return _build_spec(model, key_axes, layers, groups)
+    spec = _build_spec(model, key_axes, layers, groups)
+    for node_name, (gid, dim, block) in points.items():
+        group = f"P_{groups.origin[groups.find(gid)]}"
+        if group in spec.sizes:
+            spec.points.setdefault(group, []).append((node_name, dim, block))
+    return spec
 
 
 def _flatten(node, x: _Feat | None, start_dim: int, end_dim: int, unsupported) -> _Feat | None:

@@ -1,0 +1,175 @@
+"""Weight-matching speed: lmc against the reference algorithm and the `rebasin` package (PyPI).
+
+    python experiments/benchmarks/weight_matching.py [--quick] [--threads N]
+
+For each model pair (MLP 3×512 trained briefly on MNIST-1D; VGG-16 and ResNet-20 ×1 / ×8 with
+independent random initialisations for CIFAR-10-shaped inputs — training them is beyond this CPU
+benchmark's budget) it times, in this one process and on the same state dicts:
+
+* ``lmc``: :func:`lmc.weight_matching` (spec derived once beforehand, not timed);
+* ``reference``: :func:`reference_weight_matching` below, a plain re-implementation of
+  samuela/git-re-basin's ``weight_matching`` (per group, permute every other axis of every entry of B,
+  move the axis first, ``A @ B.T``, LAP, until no group improves) in float32 torch like the JAX original;
+* ``rebasin``: ``rebasin.PermutationCoordinateDescent`` (0.0.47; its graph tracing is not timed), if it
+  imports beside this torch and can take the model; otherwise the table says why.
+
+Objectives are ``Σ <W_A, π(W_B)>`` over the parameters lmc's spec permutes, in float64, so the methods
+are compared on the same number. ``ratio`` = method time / lmc time (> 1: lmc is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from lmc.models import build_model
+from lmc.permutation import PermutationSpec, matching_objective, permutation_spec, weight_matching
+from lmc.permutation.apply import permute_axis
+from lmc.training import seeded_init
+
+
+def reference_weight_matching(spec: PermutationSpec, params_a: dict, params_b: dict, max_iter: int = 100,
+                              seed: int = 0) -> dict:
+    """Git Re-Basin's weight matching written plainly (samuela/git-re-basin, weight_matching.py)."""
+    perm = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    names = list(perm)
+    rng = np.random.default_rng(seed)
+    for _ in range(max_iter):
+        progress = False
+        for gi in rng.permutation(len(names)):
+            g = names[gi]
+            n = spec.sizes[g]
+            cost = torch.zeros(n, n)
+            for ref in spec.perm_to_axes[g]:
+                if ref.key not in params_a:
+                    continue
+                w_a, w_b = params_a[ref.key], params_b[ref.key]
+                for axis, other in enumerate(spec.axes_to_perm[ref.key]):  # get_permuted_param(except_axis)
+                    if other is not None and axis != ref.axis:
+                        w_b = permute_axis(w_b, axis, perm[other], spec.block(ref.key, axis))
+                w_a = w_a.movedim(ref.axis, 0).reshape(n, -1)
+                w_b = w_b.movedim(ref.axis, 0).reshape(n, -1)
+                cost += w_a @ w_b.T
+            cost = cost.double().numpy()
+            _, col = linear_sum_assignment(cost, maximize=True)
+            old = cost[np.arange(n), perm[g].numpy()].sum()
+            new = cost[np.arange(n), col].sum()
+            progress = progress or new > old + 1e-12
+            perm[g] = torch.from_numpy(col).long()
+        if not progress:
+            break
+    return perm
+
+
+def _mlp_pair(steps: int):
+    from lmc.data import load_dataset
+
+    data = load_dataset("mnist1d")
+    models = []
+    for seed in (0, 1):
+        model = seeded_init(lambda: build_model("mlp", (40,), 10, width=512, depth=3), seed)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            idx = torch.randint(0, len(data.x_train), (128,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        models.append(model.eval())
+    return models, torch.randn(2, 40)
+
+
+def _random_pair(name, shape, **kw):
+    models = [seeded_init(lambda: build_model(name, shape, 10, **kw), s).eval() for s in (0, 1)]
+    return models, torch.randn(2, *shape)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _objective(spec, perm, pa, pb):
+    return matching_objective(spec, perm, pa, pb)
+
+
+def _time(fn, repeat: int):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def _rebasin(model_a, model_b, x, spec, pa):
+    try:
+        from rebasin import PermutationCoordinateDescent
+    except Exception as exc:  # noqa: BLE001 - report why it cannot run
+        return None, None, f"import failed: {type(exc).__name__}: {exc}"[:120]
+    b = copy.deepcopy(model_b)
+    try:
+        pcd = PermutationCoordinateDescent(copy.deepcopy(model_a), b, x)
+        start = time.perf_counter()
+        pcd.calculate_permutations()
+        seconds = time.perf_counter() - start
+        pcd.apply_permutations()
+    except Exception as exc:  # noqa: BLE001 - report why it cannot run
+        return None, None, f"failed: {type(exc).__name__}: {exc}"[:120]
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    return seconds, _objective(spec, ident, pa, _params(b)), ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small models only (smoke test)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeat", type=int, default=1, help="best of this many timings per method")
+    parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.quick:
+        cases = {
+            "MLP 3x64 (random)": lambda: _random_pair("mlp", (40,), width=64, depth=3),
+            "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),
+        }
+    else:
+        cases = {
+            f"MLP 3x512 ({args.mlp_steps} steps)": lambda: _mlp_pair(args.mlp_steps),
+            "VGG-16 (random)": lambda: _random_pair("vgg", (3, 32, 32), depth=16),
+            "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),
+            "ResNet-20 x8 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=8),
+        }
+    header = f"{'model':<24}{'method':<11}{'seconds':>9}{'ratio':>8}{'objective':>16}{'Δobj vs lmc':>14}  note"
+    print(header)
+    print("-" * len(header))
+    for label, make in cases.items():
+        (model_a, model_b), x = make()
+        spec = permutation_spec(model_a, x)
+        pa, pb = _params(model_a), _params(model_b)
+        t_lmc, perm = _time(lambda: weight_matching(spec, pa, pb), args.repeat)  # noqa: B023
+        obj_lmc = _objective(spec, perm, pa, pb)
+        rows = [("lmc", t_lmc, obj_lmc, "")]
+        t_ref, perm_ref = _time(lambda: reference_weight_matching(spec, pa, pb), args.repeat)  # noqa: B023
+        rows.append(("reference", t_ref, _objective(spec, perm_ref, pa, pb), ""))
+        t_rb, obj_rb, note = _rebasin(model_a, model_b, x, spec, pa)
+        rows.append(("rebasin", t_rb, obj_rb, note))
+        for method, seconds, obj, note in rows:
+            if seconds is None:
+                print(f"{label:<24}{method:<11}{'-':>9}{'-':>8}{'-':>16}{'-':>14}  {note}")
+                continue
+            print(f"{label:<24}{method:<11}{seconds:>9.3f}{seconds / t_lmc:>8.2f}{obj:>16.6g}"
+                  f"{obj - obj_lmc:>+14.3g}  {note}")
+        ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+        print(f"{'':<24}(objective before matching: {_objective(spec, ident, pa, pb):.6g}; "
+              f"{len(spec.groups)} groups)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
