@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmc.alignment import align
 from lmc.barriers import barriers_from_curves, layerwise_barriers
 from lmc.config import check_choices, check_seeds, resolve_device
-from lmc.data import load_dataset
+from lmc.data import from_options, split_pair
 from lmc.errors import ConfigError
 from lmc.interpolation import alpha_grid, layerwise_sweep, sweep
 from lmc.models import build_model
@@ -52,16 +52,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     timings = Timings()
 
     with timings("data"):
-        data = load_dataset(cfg.data.name, cfg.data.root).to(device)
+        data = from_options(cfg.data, device)
+        train_data = split_pair(data, cfg.data.get("split", "none"), cfg.data.get("split_fraction", 0.2),
+                                cfg.data.get("split_seed", 0))  # model A's and B's training data
     splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
 
     with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{seeds[0]}-{seeds[1]}") as track:
         with timings("train"):
             models = []
-            for tag, seed in zip("ab", seeds):
+            for tag, seed, own_data in zip("ab", seeds, train_data):
                 model = seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
                                                         **_model_kwargs(cfg.model)), seed).to(device)
-                train(model, data, train_cfg, data_seed=seed, progress=cfg.progress and f"train {tag} (seed {seed})")
+                train(model, own_data, train_cfg, data_seed=seed, aug_seed=seed,
+                      progress=cfg.progress and f"train {tag} (seed {seed})")
                 models.append(model)
         model_a, model_b = models
         endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy))) for split, xy in splits.items()}
