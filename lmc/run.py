@@ -24,6 +24,7 @@ from lmc.data import from_options, split_pair
 from lmc.errors import ConfigError
 from lmc.interpolation import alpha_grid, layerwise_sweep, sweep
 from lmc.models import build_model
+from lmc.normalization import corrections, resolve_reset_bn, stat_batches
 from lmc.permutation import apply_permutation, permutation_spec
 from lmc.plotting import plot_run
 from lmc.results import summary_table, write_curves, write_results
@@ -80,11 +81,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         with timings("interpolate"):
             rows = []
+            norm = {"reset_bn": resolve_reset_bn(cfg.interp.reset_bn, model_a), "repair": bool(cfg.interp.repair)}
+            batches = stat_batches(data.x_train, cfg.interp.stat_batches, cfg.interp.stat_batch_size,
+                                   cfg.interp.stat_seed)
             for method, sd in candidates.items():
-                rows += sweep(model_a, sd_a, sd, alphas, splits, method, progress=cfg.progress)
-                if cfg.interp.layerwise:
-                    rows += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method, spec.layers,
-                                            progress=cfg.progress)
+                correct, suffix = corrections(model_a, sd_a, sd, batches, **norm)
+                rows += sweep(model_a, sd_a, sd, alphas, splits, method + suffix, progress=cfg.progress,
+                              correct=correct)
+                if cfg.interp.layerwise:  # one layer moves: BatchNorm reset only (REPAIR targets whole-model α)
+                    correct, suffix = corrections(model_a, sd_a, sd, batches, norm["reset_bn"], repair=False)
+                    rows += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method + suffix, spec.layers,
+                                            progress=cfg.progress, correct=correct)
 
         results = {
             "experiment": cfg.name,
@@ -94,6 +101,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "barriers": barriers_from_curves(rows),
             "layerwise": layerwise_barriers(rows, endpoints) if cfg.interp.layerwise else {},
             "timings": dict(timings),
+            "normalization": norm,  # corrections applied to every interpolated network (method label suffix)
         }
         with timings("report"):
             write_curves(run_dir, rows)
