@@ -11,6 +11,9 @@ from lmc.errors import ConfigError
 
 MODELS = {
     "mlp": "lmc.models.mlp",
+    "vgg": "lmc.models.vgg",
+    "resnet20": "lmc.models.resnet",
+    "cnn1d": "lmc.models.cnn1d",
 }
 
 __all__ = ["MODELS", "build_model"]
