@@ -29,7 +29,7 @@ from lmc.permutation import apply_permutation, permutation_spec
 from lmc.plotting import plot_run
 from lmc.results import summary_table, write_curves, write_results
 from lmc.tracking import flatten, tracker
-from lmc.training import TrainConfig, evaluate, seeded_init, train
+from lmc.training import TrainConfig, evaluate, seeded_init, train_pair
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -60,13 +60,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{seeds[0]}-{seeds[1]}") as track:
         with timings("train"):
-            models = []
-            for tag, seed, own_data in zip("ab", seeds, train_data):
-                model = seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
-                                                        **_model_kwargs(cfg.model)), seed).to(device)
-                train(model, own_data, train_cfg, data_seed=seed, aug_seed=seed,
-                      progress=cfg.progress and f"train {tag} (seed {seed})")
-                models.append(model)
+            models = [seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
+                                                      **_model_kwargs(cfg.model)), seed).to(device) for seed in seeds]
+            train_pair(models, train_data, train_cfg, seeds, progress=cfg.progress)
         model_a, model_b = models
         endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy))) for split, xy in splits.items()}
                      for tag, m in zip("ab", models)}

@@ -129,3 +129,21 @@ def test_from_options_reads_the_config_keys(fake_root, monkeypatch):
     assert data.augment == Augmentation(3, False)
     assert -1 <= data.x_train.min() and data.x_train.max() <= 1 and data.x_train.min() < -0.9
     assert from_options({**opts, "augment": False}).augment is None
+
+
+def test_concurrent_pair_equals_sequential_training():
+    from lmc.models import build_model
+    from lmc.training import TrainConfig, seeded_init, train_pair
+
+    x, y = images(96), torch.arange(96) % 3
+    datas = [Dataset("img", x, y, x, y, 3, augment=Augmentation(2, True)),
+             Dataset("img", x[:64], y[:64], x, y, 3, augment=Augmentation(2, True))]
+    weights = {}
+    for concurrent in (False, True):
+        cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-2, concurrent_pair=concurrent)
+        models = [seeded_init(lambda: build_model("mlp", (3, 8, 8), 3, width=8, depth=1), s) for s in (0, 1)]
+        histories = train_pair(models, datas, cfg, seeds=[0, 1], progress=False)
+        assert len(histories) == 2 and len(histories[0]) == 2
+        weights[concurrent] = [m.fc1.weight.detach().clone() for m in models]
+    assert all(torch.equal(p, q) for p, q in zip(weights[False], weights[True]))
+    assert not torch.equal(*weights[True])

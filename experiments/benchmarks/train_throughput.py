@@ -7,8 +7,9 @@ Both loops train the same model (same init) with the same batch size and optimis
 on the device; the minimal loop is randperm → index → forward → cross-entropy → backward → step, nothing
 else (on CUDA it uses the same bf16 autocast and channels-last layout as lmc's GPU recipe). Timings are
 interleaved and repeated; the best of the repeats is reported. ``--pair`` (for GPUs) also times a seed
-pair: lmc's two trainings one after the other (as ``lmc.run`` does) against two sequential minimal loops,
-and, for reference, the two minimal loops interleaved step by step on two CUDA streams.
+pair: lmc's ``train_pair`` sequential and with ``concurrent_pair`` (two threads, one CUDA stream each)
+against two sequential minimal loops, and, on CUDA, the two minimal loops interleaved step by step on two
+streams from one thread.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import argparse
 import contextlib
 import itertools
 import time
+from dataclasses import replace
 
 import torch
 from torch.nn import functional as F
 
 from lmc.data import Dataset, load_dataset
 from lmc.models import build_model
-from lmc.training import TrainConfig, seeded_init, train
+from lmc.training import TrainConfig, seeded_init, train, train_pair
 
 
 def sync(device: torch.device) -> None:
@@ -81,6 +83,10 @@ def compare(label: str, build, data: Dataset, cfg: TrainConfig, repeats: int, pa
         for s in seeds:
             train(seeded_init(build, s).to(device), data, cfg, data_seed=s, progress=False)
 
+    def lmc_pair(concurrent):
+        models = [seeded_init(build, s).to(device) for s in (0, 1)]
+        train_pair(models, [data, data], replace(cfg, concurrent_pair=concurrent), [0, 1], progress=False)
+
     def minimal(seeds=(0,)):
         for s in seeds:
             for _ in minimal_steps(seeded_init(build, s).to(device), data, cfg, s):
@@ -96,7 +102,8 @@ def compare(label: str, build, data: Dataset, cfg: TrainConfig, repeats: int, pa
 
     runs = {"lmc": lmc, "minimal": minimal}
     if pair:
-        runs |= {"lmc pair": lambda: lmc((0, 1)), "minimal ×2 sequential": lambda: minimal((0, 1))}
+        runs |= {"lmc pair": lambda: lmc_pair(False), "lmc pair concurrent": lambda: lmc_pair(True),
+                 "minimal ×2 sequential": lambda: minimal((0, 1))}
         if device.type == "cuda":
             runs["minimal ×2 on 2 streams"] = minimal_streams
     for fn in runs.values():  # warm-up (allocator, cuDNN autotuning, lazy init)
@@ -113,7 +120,8 @@ def compare(label: str, build, data: Dataset, cfg: TrainConfig, repeats: int, pa
         print(f"  {k:<26} {images / t:10.1f} images/s  ({t:.3f} s)")
     print(f"  ratio lmc / minimal:        {best['minimal'] / best['lmc']:.3f}")
     if pair:
-        print(f"  pair speed-up vs 2× minimal: {best['minimal ×2 sequential'] / best['lmc pair']:.3f}")
+        print(f"  pair speed-up vs 2× minimal: {best['minimal ×2 sequential'] / best['lmc pair']:.3f} (sequential), "
+              f"{best['minimal ×2 sequential'] / best['lmc pair concurrent']:.3f} (train.concurrent_pair)")
         if "minimal ×2 on 2 streams" in best:
             streams = best["minimal ×2 sequential"] / best["minimal ×2 on 2 streams"]
             print(f"  2 streams vs 2× minimal:     {streams:.3f}")
