@@ -127,7 +127,7 @@ class Repair:
     the interpolated endpoint statistics on ``batches``."""
 
     def __init__(self, model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                 batches: list[torch.Tensor], eps: float = 1e-5):
+                 batches: list[torch.Tensor], eps: float = 1e-8):
         self.model, self.batches, self.eps = model, batches, eps
         self.targets = _targets(model, batches[0])
         self.stats_a = self._measure(sd_a)

@@ -62,6 +62,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         with timings("train"):
             models = [seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
                                                       **_model_kwargs(cfg.model)), seed).to(device) for seed in seeds]
+            norm = {"reset_bn": resolve_reset_bn(cfg.interp.reset_bn, models[0]), "repair": bool(cfg.interp.repair)}
             train_pair(models, train_data, train_cfg, seeds, progress=cfg.progress)
         model_a, model_b = models
         endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy))) for split, xy in splits.items()}
@@ -77,9 +78,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         with timings("interpolate"):
             rows = []
-            norm = {"reset_bn": resolve_reset_bn(cfg.interp.reset_bn, model_a), "repair": bool(cfg.interp.repair)}
             batches = stat_batches(data.x_train, cfg.interp.stat_batches, cfg.interp.stat_batch_size,
-                                   cfg.interp.stat_seed)
+                                   cfg.interp.stat_seed) if any(norm.values()) else []
             for method, sd in candidates.items():
                 correct, suffix = corrections(model_a, sd_a, sd, batches, **norm)
                 rows += sweep(model_a, sd_a, sd, alphas, splits, method + suffix, progress=cfg.progress,

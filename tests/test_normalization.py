@@ -146,3 +146,25 @@ def test_corrections_label_and_sweep_hook():
     plain = sweep(model, sd_a, sd_b, [0.0, 0.5, 1.0], {"test": (x, y)}, "naive")
     assert {r["method"] for r in rows} == {"naive+reset_bn+repair"}
     assert rows[1]["loss"] != pytest.approx(plain[1]["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "none", "batchnorm"])
+def test_repair_on_resnet20(norm):
+    from lmc.models import build_model
+
+    build = lambda: build_model("resnet20", (3, 8, 8), 4, width=1, norm=norm, base_channels=2)
+    model, sd_a, sd_b = seeded_init(build, 0), seeded_init(build, 0).state_dict(), seeded_init(build, 1).state_dict()
+    batch = images(128, 0)
+    repair = Repair(model, sd_a, sd_b, [batch])
+    # 1 stem + 9 blocks × 2 + 2 shortcuts, the classifier excluded
+    assert len(repair.targets) == 21 and "fc" not in repair.targets
+    if norm == "none":
+        assert "layer2.0.shortcut.0" in repair.targets
+    else:
+        assert "layer2.0.shortcut.1" in repair.targets and "layer1.0.norm2" in repair.targets
+    mid = lerp_state(sd_a, sd_b, 0.5)
+    after = channel_stats(model, repair(0.5, mid), batch, repair.targets)
+    goals = repair.goals(0.5)
+    for n in repair.targets:
+        assert torch.allclose(after[n][0], goals[n][0].float(), atol=1e-3), n
+        assert torch.allclose(after[n][1], goals[n][1].float(), rtol=1e-3, atol=1e-5), n
