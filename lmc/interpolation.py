@@ -56,6 +56,7 @@ def sweep(
     keys: Iterable[str] | None = None,
     progress: bool = False,
     correct: Callable[[float, dict], dict] | None = None,
+    batch_size: int = 8192,
 ) -> list[dict]:
     """Evaluate ``θ_α`` at every α on every split: rows ``method, layer, split, alpha, loss, acc``.
     ``correct(α, θ_α) -> θ_α'`` (e.g. BatchNorm reset or REPAIR, :mod:`lmc.normalization`) is applied
@@ -67,7 +68,7 @@ def sweep(
         if correct is not None:
             params = correct(float(alpha), params)
         for split, (x, y) in splits.items():
-            loss, acc = evaluate(model, x, y, params=params)
+            loss, acc = evaluate(model, x, y, batch_size=batch_size, params=params)
             rows.append({"method": method, "layer": layer, "split": split, "alpha": float(alpha),
                          "loss": loss, "acc": acc})
     return rows
@@ -83,10 +84,12 @@ def layerwise_sweep(
     layers: Mapping[str, Sequence[str]],
     progress: bool = False,
     correct: Callable[[float, dict], dict] | None = None,
+    batch_size: int = 8192,
 ) -> list[dict]:
     """One :func:`sweep` per layer, interpolating only that layer's entries (weight and bias
     together) while every other entry stays at A."""
     rows = []
     for layer, keys in tqdm(layers.items(), desc=f"layer-wise {method}", disable=not progress, leave=False):
-        rows += sweep(model, sd_a, sd_b, alphas, splits, method, layer=layer, keys=keys, correct=correct)
+        rows += sweep(model, sd_a, sd_b, alphas, splits, method, layer=layer, keys=keys, correct=correct,
+                      batch_size=batch_size)
     return rows

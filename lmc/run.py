@@ -65,8 +65,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             norm = {"reset_bn": resolve_reset_bn(cfg.interp.reset_bn, models[0]), "repair": bool(cfg.interp.repair)}
             train_pair(models, train_data, train_cfg, seeds, progress=cfg.progress)
         model_a, model_b = models
-        endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy))) for split, xy in splits.items()}
-                     for tag, m in zip("ab", models)}
+        eval_batch = cfg.interp.eval_batch_size
+        endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy, eval_batch)))
+                           for split, xy in splits.items()} for tag, m in zip("ab", models)}
 
         with timings("align"):
             spec = permutation_spec(model_a, data.x_train[:2])
@@ -83,11 +84,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             for method, sd in candidates.items():
                 correct, suffix = corrections(model_a, sd_a, sd, batches, **norm)
                 rows += sweep(model_a, sd_a, sd, alphas, splits, method + suffix, progress=cfg.progress,
-                              correct=correct)
+                              correct=correct, batch_size=eval_batch)
                 if cfg.interp.layerwise:  # one layer moves: BatchNorm reset only (REPAIR targets whole-model α)
                     correct, suffix = corrections(model_a, sd_a, sd, batches, norm["reset_bn"], repair=False)
                     rows += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method + suffix, spec.layers,
-                                            progress=cfg.progress, correct=correct)
+                                            progress=cfg.progress, correct=correct, batch_size=eval_batch)
 
         results = {
             "experiment": cfg.name,

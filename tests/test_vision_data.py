@@ -147,3 +147,19 @@ def test_concurrent_pair_equals_sequential_training():
         weights[concurrent] = [m.fc1.weight.detach().clone() for m in models]
     assert all(torch.equal(p, q) for p, q in zip(weights[False], weights[True]))
     assert not torch.equal(*weights[True])
+
+
+def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    from lmc.data.__main__ import main
+
+    def offline(self):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tvd.CIFAR10, "download", offline)
+    assert main(["download", "cifar10", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: could not download cifar10 into {tmp_path}: <urlopen error no network>\n"

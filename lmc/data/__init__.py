@@ -147,10 +147,12 @@ def _torchvision(cls_name: str, folder: str, svhn: bool = False):
                     images, labels = np.asarray(ds.data), np.asarray(ds.targets)
                     images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
                 arrays += [np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)]
-        except RuntimeError as exc:
-            if download:
-                raise
+        except (OSError, RuntimeError) as exc:
             name = _NAME_OF[cls_name]
+            if download:  # no network, a mirror down, a full disk...
+                raise ConfigError(f"could not download {name} into {root}: {exc}".replace("\n", " ")) from exc
+            if not isinstance(exc, RuntimeError):
+                raise
             raise ConfigError(f"dataset {name} not found (or corrupted) under {root / folder}; fetch it once "
                               f"with `python -m lmc.data download {name} --root {root}` "
                               "or set data.download=true") from exc
