@@ -48,6 +48,9 @@ class TrainConfig:
             raise ConfigError(f"unknown train.optimizer '{self.optimizer}'; valid: adam, adamw, sgd")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"unknown train.schedule '{self.schedule}'; valid: cosine, linear, constant")
+        if self.compile and self.concurrent_pair:
+            raise ConfigError("train.compile=true cannot be combined with train.concurrent_pair=true "
+                              "(torch.compile is not thread-safe); set one of them to false")
 
 
 class TrainingDiverged(RuntimeError):

@@ -163,3 +163,42 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["download", "cifar10", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: could not download cifar10 into {tmp_path}: <urlopen error no network>\n"
+
+
+def test_gpu_options_are_ignored_on_cpu_and_compile_excludes_concurrency():
+    from lmc.models import build_model
+    from lmc.training import TrainConfig, seeded_init, train
+
+    x, y = images(32), torch.arange(32) % 2
+    data = Dataset("img", x, y, x, y, 2)
+    weights = []
+    for fast in (False, True):
+        m = seeded_init(lambda: build_model("resnet20", (3, 8, 8), 2, width=1, base_channels=2), 0)
+        train(m, data, TrainConfig(epochs=1, batch_size=8, lr=1e-2, bf16=fast, channels_last=fast), 0,
+              progress=False)
+        assert m.conv.weight.is_contiguous()
+        weights.append(m.conv.weight.detach())
+    assert torch.equal(*weights)
+    with pytest.raises(ConfigError, match="train.compile=true cannot be combined with train.concurrent_pair"):
+        TrainConfig(compile=True, concurrent_pair=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fast_path_and_concurrent_pair_on_cuda():
+    from lmc.models import build_model
+    from lmc.training import TrainConfig, evaluate, seeded_init, train_pair
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 3, 32, 32, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long()
+    data = Dataset("img", x, y, x, y, 2, augment=Augmentation(4, True)).to("cuda")
+    out = {}
+    for concurrent in (False, True):
+        cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, optimizer="sgd", bf16=True, channels_last=True,
+                          concurrent_pair=concurrent)
+        models = [seeded_init(lambda: build_model("resnet20", (3, 32, 32), 2, width=1), s).cuda() for s in (0, 1)]
+        histories = train_pair(models, [data, data], cfg, [0, 1], progress=False)
+        assert all(h[-1]["loss"] < h[0]["loss"] for h in histories)
+        out[concurrent] = [evaluate(m, data.x_test, data.y_test)[1] for m in models]
+    assert out[True] == pytest.approx(out[False], abs=0.05)  # same trainings (cuDNN may differ in the last bits)
