@@ -7,7 +7,7 @@ al.) moves only one layer's entries and keeps every other entry at A.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -55,14 +55,20 @@ def sweep(
     layer: str = "",
     keys: Iterable[str] | None = None,
     progress: bool = False,
+    correct: Callable[[float, dict], dict] | None = None,
+    batch_size: int = 8192,
 ) -> list[dict]:
-    """Evaluate ``θ_α`` at every α on every split: rows ``method, layer, split, alpha, loss, acc``."""
+    """Evaluate ``θ_α`` at every α on every split: rows ``method, layer, split, alpha, loss, acc``.
+    ``correct(α, θ_α) -> θ_α'`` (e.g. BatchNorm reset or REPAIR, :mod:`lmc.normalization`) is applied
+    to each interpolated state dict before it is evaluated."""
     keys = None if keys is None else list(keys)
     rows = []
     for alpha in tqdm(alphas, desc=f"α sweep {method} {layer}".strip(), disable=not progress, leave=False):
         params = lerp_state(sd_a, sd_b, alpha, keys)
+        if correct is not None:
+            params = correct(float(alpha), params)
         for split, (x, y) in splits.items():
-            loss, acc = evaluate(model, x, y, params=params)
+            loss, acc = evaluate(model, x, y, batch_size=batch_size, params=params)
             rows.append({"method": method, "layer": layer, "split": split, "alpha": float(alpha),
                          "loss": loss, "acc": acc})
     return rows
@@ -77,10 +83,13 @@ def layerwise_sweep(
     method: str,
     layers: Mapping[str, Sequence[str]],
     progress: bool = False,
+    correct: Callable[[float, dict], dict] | None = None,
+    batch_size: int = 8192,
 ) -> list[dict]:
     """One :func:`sweep` per layer, interpolating only that layer's entries (weight and bias
     together) while every other entry stays at A."""
     rows = []
     for layer, keys in tqdm(layers.items(), desc=f"layer-wise {method}", disable=not progress, leave=False):
-        rows += sweep(model, sd_a, sd_b, alphas, splits, method, layer=layer, keys=keys)
+        rows += sweep(model, sd_a, sd_b, alphas, splits, method, layer=layer, keys=keys, correct=correct,
+                      batch_size=batch_size)
     return rows

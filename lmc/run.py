@@ -7,7 +7,6 @@ Each stage is a plain function from its own module; this file only wires them to
 
 from __future__ import annotations
 
-import string
 import sys
 import time
 from contextlib import contextmanager
@@ -21,16 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from lmc.alignment import align, align_many, check_merge
 from lmc.barriers import barriers_from_curves, layerwise_barriers
 from lmc.config import check_choices, check_seeds, resolve_device
-from lmc.data import load_dataset
+from lmc.data import from_options, split_pair
 from lmc.diagnostics import alignment_diagnostics
 from lmc.errors import ConfigError
 from lmc.interpolation import alpha_grid, layerwise_sweep, sweep
 from lmc.models import build_model
+from lmc.normalization import corrections, resolve_reset_bn, stat_batches
 from lmc.permutation import apply_permutation, pairwise_barriers, permutation_spec
 from lmc.plotting import plot_run
 from lmc.results import summary_table, write_curves, write_results
 from lmc.tracking import flatten, tracker
-from lmc.training import TrainConfig, evaluate, seeded_init, train
+from lmc.training import TrainConfig, evaluate, seeded_init, train_pair
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -56,20 +56,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     timings = Timings()
 
     with timings("data"):
-        data = load_dataset(cfg.data.name, cfg.data.root).to(device)
+        data = from_options(cfg.data, device)
+        train_data = split_pair(data, cfg.data.get("split", "none"), cfg.data.get("split_fraction", 0.2),
+                                cfg.data.get("split_seed", 0))  # model A's and B's training data
+        train_data = [*train_data, *[data] * (len(seeds) - 2)]  # further models (merging) train on all of it
     splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
 
     with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{seeds[0]}-{seeds[1]}") as track:
         with timings("train"):
-            models = []
-            for tag, seed in zip(string.ascii_lowercase, seeds):  # models a, b (, c, … when merging)
-                model = seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
-                                                        **_model_kwargs(cfg.model)), seed).to(device)
-                train(model, data, train_cfg, data_seed=seed, progress=cfg.progress and f"train {tag} (seed {seed})")
-                models.append(model)
+            models = [seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
+                                                      **_model_kwargs(cfg.model)), seed).to(device) for seed in seeds]
+            norm = {"reset_bn": resolve_reset_bn(cfg.interp.reset_bn, models[0]), "repair": bool(cfg.interp.repair)}
+            train_pair(models, train_data, train_cfg, seeds, progress=cfg.progress)
         model_a, model_b = models[:2]
-        endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy))) for split, xy in splits.items()}
-                     for tag, m in zip("ab", models)}
+        eval_batch = cfg.interp.eval_batch_size
+        endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy, eval_batch)))
+                           for split, xy in splits.items()} for tag, m in zip("ab", models)}
 
         with timings("align"):
             spec = permutation_spec(model_a, data.x_train[:2])
@@ -92,11 +94,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         with timings("interpolate"):
             rows = []
+            batches = stat_batches(data.x_train, cfg.interp.stat_batches, cfg.interp.stat_batch_size,
+                                   cfg.interp.stat_seed) if any(norm.values()) else []
             for method, sd in candidates.items():
-                rows += sweep(model_a, sd_a, sd, alphas, splits, method, progress=cfg.progress)
-                if cfg.interp.layerwise:
-                    rows += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method, spec.layers,
-                                            progress=cfg.progress)
+                correct, suffix = corrections(model_a, sd_a, sd, batches, **norm)
+                rows += sweep(model_a, sd_a, sd, alphas, splits, method + suffix, progress=cfg.progress,
+                              correct=correct, batch_size=eval_batch)
+                if cfg.interp.layerwise:  # one layer moves: BatchNorm reset only (REPAIR targets whole-model α)
+                    correct, suffix = corrections(model_a, sd_a, sd, batches, norm["reset_bn"], repair=False)
+                    rows += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method + suffix, spec.layers,
+                                            progress=cfg.progress, correct=correct, batch_size=eval_batch)
 
         results = {
             "experiment": cfg.name,
@@ -108,6 +115,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "diagnostics": diagnostics,
             **({"pairwise": pairwise} if pairwise else {}),
             "timings": dict(timings),
+            "normalization": norm,  # corrections applied to every interpolated network (method label suffix)
         }
         with timings("report"):
             write_curves(run_dir, rows)

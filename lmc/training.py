@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +17,7 @@ from tqdm.auto import tqdm
 from lmc.data import Dataset
 from lmc.errors import ConfigError
 
-__all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "seeded_init", "train"]
+__all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "seeded_init", "train", "train_pair"]
 
 
 @dataclass
@@ -28,6 +31,11 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant, stepped every batch
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr
     label_smoothing: float = 0.0
+    nesterov: bool = True  # Nesterov momentum for SGD
+    bf16: bool = False  # bf16 autocast for the forward pass (CUDA only; ignored on CPU)
+    channels_last: bool = False  # channels-last memory format for 4-D inputs and weights (CUDA only)
+    compile: bool = False  # torch.compile the model for the training steps
+    concurrent_pair: bool = False  # train_pair: train both models at once (two threads, one CUDA stream each)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -40,6 +48,9 @@ class TrainConfig:
             raise ConfigError(f"unknown train.optimizer '{self.optimizer}'; valid: adam, adamw, sgd")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"unknown train.schedule '{self.schedule}'; valid: cosine, linear, constant")
+        if self.compile and self.concurrent_pair:
+            raise ConfigError("train.compile=true cannot be combined with train.concurrent_pair=true "
+                              "(torch.compile is not thread-safe); set one of them to false")
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,7 +68,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = model.parameters()
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.momentum > 0)
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -79,18 +90,33 @@ def _lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def _fast_path(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    """The training step's forward function, autocast context and input memory format (GPU options)."""
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cfg.channels_last and cuda else None
+    if memory_format is not None:
+        model.to(memory_format=memory_format)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and cuda)
+    return forward, autocast, memory_format
+
+
 def train(
     model: nn.Module,
     data: Dataset,
     cfg: TrainConfig,
     data_seed: int,
     progress: bool | str = True,
+    aug_seed: int | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``data`` (tensors already on the model's device).
 
     The order of examples is drawn from a generator seeded by ``data_seed`` alone, so the model's
     initialisation and its data order are independent choices. Returns one record per epoch
     (``epoch``, ``loss``: mean training loss, ``lr``).
+
+    If ``data.augment`` is set, every batch is augmented on the device with draws from its own
+    generator seeded by ``aug_seed`` (default: ``data_seed``), independent of the data order.
     """
     x, y = data.x_train, data.y_train
     n = len(y)
@@ -98,6 +124,10 @@ def train(
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch * cfg.epochs))
     order_gen = torch.Generator(device="cpu").manual_seed(data_seed)
+    augment = data.augment
+    aug_gen = None if augment is None else torch.Generator(device=x.device).manual_seed(
+        data_seed if aug_seed is None else aug_seed)
+    forward, autocast, memory_format = _fast_path(model, cfg, x.device)
     history = []
     desc = progress if isinstance(progress, str) else "train"
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
@@ -109,7 +139,11 @@ def train(
         total = torch.zeros((), device=x.device)
         for i in range(steps_per_epoch):
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
+            xb = x[idx] if augment is None else augment(x[idx], aug_gen)
+            if memory_format is not None:
+                xb = xb.contiguous(memory_format=memory_format)
+            with autocast():
+                loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -123,8 +157,40 @@ def train(
                                    f"(epoch {epoch + 1}); lower train.lr?")
         history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": sched.get_last_lr()[0]})
         bar.set_postfix(loss=f"{mean_loss:.3f}")
+    if memory_format is not None:
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
+
+
+def train_pair(
+    models: Sequence[nn.Module],
+    datas: Sequence[Dataset],
+    cfg: TrainConfig,
+    seeds: Sequence[int],
+    progress: bool = True,
+) -> list[list[dict]]:
+    """:func:`train` each model on its data with its seed (data order and augmentation), one after the
+    other, or with ``cfg.concurrent_pair`` at the same time: one thread per model, each issuing its
+    work on its own CUDA stream, so a GPU that one small model leaves idle can overlap the two. The
+    trainings share nothing, so the results equal the sequential ones (bit for bit on CPU)."""
+
+    def one(i: int) -> list[dict]:
+        label = progress and f"train {'ab'[i]} (seed {seeds[i]})"
+        device = datas[i].x_train.device
+        stream = torch.cuda.Stream(device) if cfg.concurrent_pair and device.type == "cuda" else None
+        if stream is not None:  # start after the work already queued (init, data) on the default stream
+            stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            history = train(models[i], datas[i], cfg, data_seed=seeds[i], aug_seed=seeds[i], progress=label)
+        if stream is not None:
+            stream.synchronize()
+        return history
+
+    if not cfg.concurrent_pair:
+        return [one(i) for i in range(len(models))]
+    with ThreadPoolExecutor(max_workers=len(models)) as pool:
+        return [f.result() for f in [pool.submit(one, i) for i in range(len(models))]]
 
 
 @torch.inference_mode()

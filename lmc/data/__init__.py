@@ -1,0 +1,275 @@
+"""Datasets as tensors, augmentation on whole batches, and disjoint splits.
+
+Small datasets are held whole as tensors on the training device: images are read once with
+torchvision's dataset classes (uint8), moved to the device, converted to float and normalised there,
+so training and evaluation index batches directly instead of going through a per-sample DataLoader.
+Augmentation (random crop with padding, horizontal flip) runs on whole batches on the device, drawn
+from its own generator (``aug_seed``), separate from model init and data order.
+
+Fetch a dataset once before a sweep, so parallel jobs never race to download it::
+
+    python -m lmc.data download cifar10 [--root DIR]
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from lmc.errors import ConfigError
+
+__all__ = ["DATASETS", "SPLITS", "Augmentation", "Dataset", "default_data_root", "download", "load_dataset",
+           "split_pair"]
+
+
+@dataclass
+class Augmentation:
+    """Random crop after padding every side by ``crop_padding`` pixels (reflect padding, as in
+    KellerJordan/cifar10-airbench), then a horizontal flip with probability 1/2 if ``flip``.
+    Applied to a whole batch of images ``(N, C, H, W)`` with one generator on the batch's device."""
+
+    crop_padding: int = 4
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.crop_padding < 0:
+            raise ConfigError(f"data.crop_padding must be a non-negative integer, got {self.crop_padding}")
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ConfigError(f"augmentation needs image batches (N, C, H, W), got shape {tuple(x.shape)}; "
+                              "set data.augment=false")
+        n, c, h, w = x.shape
+        p = self.crop_padding
+        if p:
+            padded = F.pad(x, (p, p, p, p), mode="reflect")
+            dy = torch.randint(0, 2 * p + 1, (n,), device=x.device, generator=generator)
+            dx = torch.randint(0, 2 * p + 1, (n,), device=x.device, generator=generator)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+            batch = torch.arange(n, device=x.device)[:, None, None, None]
+            chans = torch.arange(c, device=x.device)[None, :, None, None]
+            x = padded[batch, chans, rows, cols]
+        if self.flip:
+            flip = torch.rand(n, device=x.device, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    augment: Augmentation | None = field(default=None, compare=False)  # applied to training batches
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "train":
+            return self.x_train, self.y_train
+        if name == "test":
+            return self.x_test, self.y_test
+        raise ConfigError(f"unknown split '{name}'; valid: train, test")
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+
+
+def default_data_root() -> Path:
+    """``$DATA_DIR`` if set, else ``data/`` in the working directory."""
+    return Path(os.environ.get("DATA_DIR", "data"))
+
+
+def _mnist1d(root: Path, download: bool = False) -> tuple[np.ndarray, ...]:
+    """MNIST-1D (Greydanus & Kobak, 2024), generated locally with ``mnist1d.data.make_dataset`` and its
+    default arguments (4000 train / 1000 test sequences of length 40, 10 classes). The generated arrays
+    are cached as ``<root>/mnist1d/mnist1d_default.npz``; nothing is downloaded."""
+    cache = root / "mnist1d" / "mnist1d_default.npz"
+    arrays = None
+    if cache.exists():
+        try:
+            with np.load(cache) as f:
+                arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception:  # noqa: BLE001 - a broken cache is regenerated
+            arrays = None
+    if arrays is None:
+        from mnist1d.data import make_dataset
+
+        # make_dataset seeds the global numpy/random RNGs; keep the caller's state intact
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            ds = make_dataset()
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        arrays = {k: ds[k] for k in ("x", "y", "x_test", "y_test")}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # caching is an optimisation; an unwritable root is fine
+    return arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"]
+
+
+def _torchvision(cls_name: str, folder: str, svhn: bool = False):
+    """Reader for a torchvision dataset class: ``(x_train, y_train, x_test, y_test)`` as numpy arrays,
+    images ``uint8`` in ``(N, C, H, W)``. ``folder`` (under root) is only used for messages; SVHN's
+    files live in ``<root>/svhn/``, the others where torchvision puts them."""
+
+    def read(root: Path, download: bool = False):
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        arrays = []
+        try:
+            for train in (True, False):
+                if svhn:
+                    ds = cls(str(root / "svhn"), split="train" if train else "test", download=download)
+                    images, labels = ds.data, ds.labels  # already (N, C, H, W)
+                else:
+                    ds = cls(str(root), train=train, download=download)
+                    images, labels = np.asarray(ds.data), np.asarray(ds.targets)
+                    images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+                arrays += [np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)]
+        except (OSError, RuntimeError) as exc:
+            name = _NAME_OF[cls_name]
+            if download:  # no network, a mirror down, a full disk...
+                raise ConfigError(f"could not download {name} into {root}: {exc}".replace("\n", " ")) from exc
+            if not isinstance(exc, RuntimeError):
+                raise
+            raise ConfigError(f"dataset {name} not found (or corrupted) under {root / folder}; fetch it once "
+                              f"with `python -m lmc.data download {name} --root {root}` "
+                              "or set data.download=true") from exc
+        return tuple(arrays)
+
+    return read
+
+
+_NAME_OF = {"MNIST": "mnist", "FashionMNIST": "fashion_mnist", "CIFAR10": "cifar10", "CIFAR100": "cifar100",
+            "SVHN": "svhn"}
+
+# name -> (reader, number of classes)
+DATASETS = {
+    "mnist1d": (_mnist1d, 10),
+    "mnist": (_torchvision("MNIST", "MNIST/raw"), 10),
+    "fashion_mnist": (_torchvision("FashionMNIST", "FashionMNIST/raw"), 10),
+    "cifar10": (_torchvision("CIFAR10", "cifar-10-batches-py"), 10),
+    "cifar100": (_torchvision("CIFAR100", "cifar-100-python"), 100),
+    "svhn": (_torchvision("SVHN", "svhn", svhn=True), 10),
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset '{name}'; valid: {', '.join(sorted(DATASETS))}")
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: torch.device | str = "cpu",
+    augment: Augmentation | None = None,
+) -> Dataset:
+    """Load dataset ``name`` from ``root`` (default: :func:`default_data_root`) onto ``device``.
+
+    Images (uint8) become float in [0, 1] on the device, then ``(x − mean) / std`` per channel when
+    ``mean``/``std`` are given (the constants live in ``conf/data/<name>.yaml``). ``download=True``
+    fetches a missing dataset; without it a missing dataset is a :class:`ConfigError` saying where
+    lmc looked and how to fetch it. ``augment`` is kept on the dataset for :func:`lmc.training.train`.
+    """
+    _check_name(name)
+    reader, num_classes = DATASETS[name]
+    x_train, y_train, x_test, y_test = reader(Path(root) if root else default_data_root(), download=download)
+
+    def prepare(x: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(x).to(device)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        else:
+            x = x.float()
+        if mean is not None or std is not None:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            m = torch.as_tensor(list(mean) if mean is not None else [0.0], dtype=x.dtype, device=x.device)
+            s = torch.as_tensor(list(std) if std is not None else [1.0], dtype=x.dtype, device=x.device)
+            x = (x - m.view(shape)) / s.view(shape)
+        return x
+
+    def labels(y: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(y), dtype=torch.long).to(device)
+
+    return Dataset(name, prepare(x_train), labels(y_train), prepare(x_test), labels(y_test), num_classes,
+                   augment=augment)
+
+
+def from_options(options: Mapping, device: torch.device | str = "cpu") -> Dataset:
+    """:func:`load_dataset` from a mapping with the keys of ``conf/data/*.yaml`` (``name``, ``root``,
+    ``download``, ``mean``, ``std``, ``augment``, ``crop_padding``, ``flip``)."""
+    augment = None
+    if options.get("augment", False):
+        augment = Augmentation(int(options.get("crop_padding", 4)), bool(options.get("flip", True)))
+    mean, std = options.get("mean"), options.get("std")
+    return load_dataset(options["name"], options.get("root"), download=bool(options.get("download", False)),
+                        mean=None if mean is None else list(mean), std=None if std is None else list(std),
+                        device=device, augment=augment)
+
+
+SPLITS = ("none", "halves", "classes")
+
+
+def split_pair(data: Dataset, how: str = "none", fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Training data for model A and model B; both keep the full test set.
+
+    - ``none``: both get the whole training set.
+    - ``halves``: a random half each (disjoint; permutation seeded by ``seed``).
+    - ``classes`` (Git Re-Basin, Fig. 5 / ``_split_cifar``): the training set is shuffled (``seed``) and
+      divided by label into the lower classes ``y < C/2`` and the upper classes ``y ≥ C/2``. A gets
+      ``1 − fraction`` of the lower-class examples and ``fraction`` of the upper-class ones; B gets the
+      rest, i.e. mostly upper classes. The two sets are disjoint and cover the training set
+      (Git Re-Basin: fraction 0.2, i.e. 5000 of 25000 on CIFAR-10).
+    """
+    if how not in SPLITS:
+        raise ConfigError(f"unknown data.split '{how}'; valid: {', '.join(SPLITS)}")
+    if how == "none":
+        return data, data
+    if not 0 <= fraction <= 1:
+        raise ConfigError(f"data.split_fraction must be in [0, 1], got {fraction}")
+    n = len(data.y_train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(data.y_train.device)
+    if how == "halves":
+        idx_a, idx_b = perm[: n // 2], perm[n // 2 :]
+    else:
+        lower = data.y_train[perm] < data.num_classes // 2
+        lo, hi = perm[lower], perm[~lower]
+        k_lo, k_hi = round(fraction * len(lo)), round(fraction * len(hi))
+        idx_a = torch.cat([lo[k_lo:], hi[:k_hi]])
+        idx_b = torch.cat([hi[k_hi:], lo[:k_lo]])
+    return tuple(replace(data, x_train=data.x_train[i], y_train=data.y_train[i]) for i in (idx_a, idx_b))
+
+
+def download(name: str, root: str | os.PathLike | None = None) -> Path:
+    """Fetch dataset ``name`` into ``root`` (MNIST-1D is generated and cached instead); the command
+    line is ``python -m lmc.data download NAME`` (:mod:`lmc.data.__main__`)."""
+    _check_name(name)
+    root = Path(root) if root else default_data_root()
+    root.mkdir(parents=True, exist_ok=True)
+    DATASETS[name][0](root, download=True)
+    return root
