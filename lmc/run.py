@@ -7,28 +7,35 @@ Each stage is a plain function from its own module; this file only wires them to
 
 from __future__ import annotations
 
+import math
+import random
+import shutil
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lmc.alignment import align
 from lmc.barriers import barriers_from_curves, layerwise_barriers
-from lmc.config import check_choices, check_seeds, resolve_device
+from lmc.config import check_choices, check_group_choices, check_seeds, resolve_device
 from lmc.data import load_dataset
-from lmc.errors import ConfigError
+from lmc.errors import ConfigError, StoreError
 from lmc.interpolation import alpha_grid, layerwise_sweep, sweep
 from lmc.models import build_model
 from lmc.permutation import apply_permutation, permutation_spec
 from lmc.plotting import plot_run
-from lmc.results import summary_table, write_curves, write_results
+from lmc.results import _atomic_write, summary_table, write_curves, write_results
+from lmc.store import Store, StoredModel, model_settings
 from lmc.tracking import flatten, tracker
-from lmc.training import TrainConfig, evaluate, seeded_init, train
+from lmc.training import TrainConfig, TrainingDiverged, evaluate
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -45,10 +52,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole method for one seed pair; writes the run directory's contract files."""
     seeds = check_seeds(cfg.seeds)
     check_choices(cfg.data.name, cfg.model.name, cfg.align.method)
-    train_cfg = TrainConfig(**cfg.train)
     alphas = alpha_grid(cfg.interp.num_alphas)
     device = resolve_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
+    store = Store(cfg.store.root, cfg.store.on_corrupt)
+    store.check_writable()
     timings = Timings()
 
     with timings("data"):
@@ -57,31 +65,38 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{seeds[0]}-{seeds[1]}") as track:
         with timings("train"):
-            models = []
-            for tag, seed in zip("ab", seeds):
-                model = seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
-                                                        **_model_kwargs(cfg.model)), seed).to(device)
-                train(model, data, train_cfg, data_seed=seed, progress=cfg.progress and f"train {tag} (seed {seed})")
-                models.append(model)
-        model_a, model_b = models
+            stored = train_endpoints(cfg, store, data, device)
+        model_a, model_b = (s.model for s in stored[:2])
+        models = [model_a, model_b]
         endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy))) for split, xy in splits.items()}
                      for tag, m in zip("ab", models)}
+        hashes = {tag: s.hash for tag, s in zip(("a", "b", "parent"), stored)}
+        reused = {tag: s.reused for tag, s in zip(("a", "b", "parent"), stored)}
 
         with timings("align"):
             spec = permutation_spec(model_a, data.x_train[:2])
             sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-            candidates = {"naive": sd_b}
-            perm = align(cfg.align.method, spec, model_a, model_b, data, cfg.align)
-            if perm is not None:
-                candidates[cfg.align.method] = apply_permutation(spec, perm, sd_b)
+            candidates = {"naive": (sd_b, None)}
+            if cfg.align.method != "none":
+                perm, perm_hash, reused["align"] = store.alignment(
+                    {"align": OmegaConf.to_container(cfg.align, resolve=True), "a": hashes["a"], "b": hashes["b"]},
+                    lambda: align(cfg.align.method, spec, model_a, model_b, data, cfg.align))
+                candidates[cfg.align.method] = (apply_permutation(spec, perm, sd_b), perm_hash)
+                hashes["align"] = perm_hash
 
         with timings("interpolate"):
             rows = []
-            for method, sd in candidates.items():
-                rows += sweep(model_a, sd_a, sd, alphas, splits, method, progress=cfg.progress)
-                if cfg.interp.layerwise:
-                    rows += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method, spec.layers,
-                                            progress=cfg.progress)
+            for method, (sd, perm_hash) in candidates.items():
+                def curves(method=method, sd=sd):
+                    out = sweep(model_a, sd_a, sd, alphas, splits, method, progress=cfg.progress)
+                    if cfg.interp.layerwise:
+                        out += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method, spec.layers,
+                                               progress=cfg.progress)
+                    return out
+                method_rows, hashes[f"curves/{method}"], reused[f"curves/{method}"] = store.curves(
+                    {"interp": OmegaConf.to_container(cfg.interp, resolve=True), "method": method,
+                     "a": hashes["a"], "b": hashes["b"], "alignment": perm_hash}, curves)
+                rows += method_rows
 
         results = {
             "experiment": cfg.name,
@@ -91,12 +106,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "barriers": barriers_from_curves(rows),
             "layerwise": layerwise_barriers(rows, endpoints) if cfg.interp.layerwise else {},
             "timings": dict(timings),
+            "store": {"root": str(store.root), "hashes": hashes},
+            "reused": reused,
         }
         with timings("report"):
             write_curves(run_dir, rows)
             write_results(run_dir, results)
             plots = plot_run(run_dir, results, rows)
-            _save_models(run_dir, cfg, models, seeds)
+            _link_models(run_dir, stored)
         results["timings"] = dict(timings)
         write_results(run_dir, results)
         track.log_curves(rows)
@@ -108,26 +125,105 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
+def train_endpoints(cfg: DictConfig, store: Store, data, device: torch.device) -> list[StoredModel]:
+    """Models A and B (and, with ``spawn.step=k``, their common parent), from the store or trained.
+
+    Without spawning, model X has init seed ``seeds[X]``, data-order seed ``data_seeds[X]`` and
+    augmentation seed ``aug_seeds[X]`` (both default to ``seeds``). With ``spawn.step=k`` (Frankle et
+    al.'s instability analysis) one parent (init ``seeds[0]``) trains k steps, then A and B continue
+    from it with data-order/augmentation seeds ``data_seeds[X]``/``aug_seeds[X]``.
+    """
+    seeds = check_seeds(cfg.seeds)
+    data_seeds = seeds if cfg.data_seeds is None else check_seeds(cfg.data_seeds, name="data_seeds", distinct=False)
+    aug_seeds = seeds if cfg.aug_seeds is None else check_seeds(cfg.aug_seeds, name="aug_seeds", distinct=False)
+    train_cfg = TrainConfig(**cfg.train)
+    common = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "train")}
+
+    def build():
+        return build_model(cfg.model.name, data.input_shape, data.num_classes, **_model_kwargs(cfg.model)).to(device)
+
+    def get(tag, init, data_seed, aug_seed, spawn=None, **kw):
+        return store.trained_model(model_settings(**common, init_seed=init, data_seed=data_seed, aug_seed=aug_seed,
+                                                  spawn=spawn), build, data, train_cfg,
+                                   progress=cfg.progress and f"train {tag} (seed {init})", **kw)
+
+    step = cfg.spawn.step
+    if step is None:
+        return [get(tag, *s) for tag, s in zip("ab", zip(seeds, data_seeds, aug_seeds))]
+    total = math.ceil(len(data.y_train) / train_cfg.batch_size) * train_cfg.epochs
+    if not (isinstance(step, int) and 0 <= step <= total):
+        raise ConfigError(f"spawn.step must be an integer step in [0, {total}] (train.epochs × steps per epoch) "
+                          f"or null, got {step}")
+    if (data_seeds[0], aug_seeds[0]) == (data_seeds[1], aug_seeds[1]):
+        raise ConfigError(f"spawned children need different data_seeds or aug_seeds, got {data_seeds}, {aug_seeds}")
+    parent = get("parent", seeds[0], data_seeds[0], aug_seeds[0], spawn={"stop_step": step}, stop_step=step)
+    children = [get(tag, seeds[0], d, a, spawn={"step": step, "parent": parent.hash}, start=parent.final_state)
+                for tag, d, a in zip("ab", data_seeds, aug_seeds)]
+    return [*children, parent]
+
+
 def _model_kwargs(model_cfg: DictConfig) -> dict:
     return {k: v for k, v in model_cfg.items() if k != "name"}
 
 
-def _save_models(run_dir: Path, cfg: DictConfig, models, seeds) -> None:
+def _link_models(run_dir: Path, stored: list[StoredModel]) -> None:
+    """``checkpoints/model_{a,b}.pt`` in the run directory: links to the stored models."""
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
-    for tag, model, seed in zip("ab", models, seeds):
-        torch.save({"model": OmegaConf.to_container(cfg.model, resolve=True), "seed": seed,
-                    "state_dict": model.state_dict()}, ckpt_dir / f"model_{tag}.pt")
+    for tag, s in zip("ab", stored):
+        link = ckpt_dir / f"model_{tag}.pt"
+        link.unlink(missing_ok=True)
+        try:
+            link.symlink_to((s.path / "model.pt").resolve())
+        except OSError:
+            shutil.copyfile(s.path / "model.pt", link)
+
+
+FAILED_JOBS: list[str] = []  # multirun jobs that failed in this process (the sweep goes on without them)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    reset_global_state()
     try:
-        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return run(cfg, run_dir)
+    except Exception as exc:
+        user_fault = isinstance(exc, (ConfigError, StoreError, TrainingDiverged))
+        message = f"error: {exc}" if user_fault else f"error: {type(exc).__name__}: {exc}"
+        _atomic_write(run_dir / "error.txt", message + ("\n" if user_fault else "\n" + traceback.format_exc()))
+        if not multirun and not user_fault:
+            raise
+        if not user_fault:
+            traceback.print_exc()
+        print(message, file=sys.stderr)
+        if multirun:  # one failed job must not stop the sweep; collect lists it as failed
+            FAILED_JOBS.append(str(run_dir))
+            return None
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+def reset_global_state() -> None:
+    """Every job starts alike, whether it is the first of a process or a later one (basic launcher)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    torch.set_grad_enabled(True)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m lmc.run``: Hydra's main, with unknown config-group choices reported as one line."""
+    try:
+        check_group_choices(sys.argv[1:] if argv is None else argv, CONF_DIR)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    main()
+    if FAILED_JOBS:
+        print(f"error: {len(FAILED_JOBS)} job(s) failed: {', '.join(FAILED_JOBS)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

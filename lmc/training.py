@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from lmc.checkpoint import CheckpointDir
 from lmc.data import Dataset
 from lmc.errors import ConfigError
 
@@ -28,6 +32,8 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant, stepped every batch
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr
     label_smoothing: float = 0.0
+    checkpoint_every: int = 1  # epochs between training checkpoints (run store only; not part of the model hash)
+    keep_checkpoints: Sequence = ()  # epochs (3 or "3ep") or steps ("100st") whose checkpoints are kept
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -40,6 +46,22 @@ class TrainConfig:
             raise ConfigError(f"unknown train.optimizer '{self.optimizer}'; valid: adam, adamw, sgd")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"unknown train.schedule '{self.schedule}'; valid: cosine, linear, constant")
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every > 0):
+            raise ConfigError(f"train.checkpoint_every must be a positive integer (epochs), "
+                              f"got {self.checkpoint_every}")
+        self.keep_steps(1)  # validates keep_checkpoints
+
+    def keep_steps(self, steps_per_epoch: int) -> set[int]:
+        """``keep_checkpoints`` as optimiser steps: ``3`` or ``"3ep"`` → end of epoch 3, ``"100st"`` → step 100."""
+        steps = set()
+        for point in self.keep_checkpoints or ():
+            text = str(point).strip()
+            unit, num = ("st", text[:-2]) if text.endswith("st") else ("ep", text.removesuffix("ep"))
+            if not num.isdigit() or int(num) <= 0:
+                raise ConfigError(f"bad train.keep_checkpoints entry '{point}'; valid: epochs (3 or '3ep') "
+                                  f"or steps ('100st'), positive")
+            steps.add(int(num) * (steps_per_epoch if unit == "ep" else 1))
+        return steps
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,47 +106,144 @@ def train(
     data: Dataset,
     cfg: TrainConfig,
     data_seed: int,
+    aug_seed: int | None = None,
     progress: bool | str = True,
+    checkpoints: CheckpointDir | None = None,
+    stop_step: int | None = None,
+    start: Mapping | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``data`` (tensors already on the model's device).
 
-    The order of examples is drawn from a generator seeded by ``data_seed`` alone, so the model's
-    initialisation and its data order are independent choices. Returns one record per epoch
-    (``epoch``, ``loss``: mean training loss, ``lr``).
+    The order of examples is drawn from a generator seeded by ``data_seed`` alone, augmentation (and
+    any other randomness inside the step) from ``aug_seed`` (default ``data_seed``), so the model's
+    initialisation, its data order and its augmentation are independent choices. Returns one record
+    per epoch (``epoch``, ``loss``: mean training loss, ``lr``).
+
+    With ``checkpoints``, the full training state (model, optimiser, scheduler, generators, RNGs,
+    step, history) is written every ``cfg.checkpoint_every`` epochs, at ``cfg.keep_checkpoints`` (kept)
+    and at the last step; training resumes from the newest checkpoint found there, and ends bitwise
+    identical (on the CPU) to an uninterrupted run. ``stop_step`` stops after that many optimiser
+    steps (a spawn parent); ``start`` is such a parent's final state, from which this run continues
+    with its own data-order and augmentation seeds (a spawned child).
     """
     x, y = data.x_train, data.y_train
     n = len(y)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    last_step = total_steps if stop_step is None else min(stop_step, total_steps)
+    keep_steps = cfg.keep_steps(steps_per_epoch)
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch * cfg.epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, total_steps))
+    aug_seed = data_seed if aug_seed is None else aug_seed
     order_gen = torch.Generator(device="cpu").manual_seed(data_seed)
-    history = []
+    aug_gen = torch.Generator(device="cpu").manual_seed(aug_seed)
+    history: list[dict] = []
+    step, epoch_sum, epoch_seen = 0, 0.0, 0
+    state = checkpoints.latest() if checkpoints is not None else None
+    resume = state is not None
+    if state is None and start is not None:
+        state = start
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history = state["step"], list(state["history"])
+        if resume:  # the same run, continued: its generators and RNGs as they were
+            order_gen.set_state(state["order_gen"])
+            aug_gen.set_state(state["aug_gen"])
+            epoch_sum, epoch_seen = state["epoch_sum"], state["epoch_seen"]
+    start_epoch, start_i = divmod(step, steps_per_epoch)
     desc = progress if isinstance(progress, str) else "train"
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, disable=not progress or step >= last_step, leave=False)
     model.train()
-    # first optimiser step whose loss was not finite (-1: none); kept on the device, read once per epoch
-    first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
-    for epoch in bar:
-        order = torch.randperm(n, generator=order_gen).to(x.device)
-        total = torch.zeros((), device=x.device)
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach() * len(idx)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                    epoch * steps_per_epoch + i + 1, first_bad)
-        mean_loss = total.item() / n
-        if not math.isfinite(mean_loss):
-            raise TrainingDiverged(f"training loss became {mean_loss} at step {first_bad.item()} "
-                                   f"(epoch {epoch + 1}); lower train.lr?")
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": sched.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{mean_loss:.3f}")
+    with _rng_scope(aug_seed, x.device, state["rng"] if resume else None):
+        # first optimiser step whose loss was not finite (-1: none); kept on the device, read once per epoch
+        first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
+
+        def save(epoch_start_gen: torch.Tensor, epoch_sum: float, epoch_seen: int) -> None:
+            at_epoch_end = step % steps_per_epoch == 0
+            checkpoints.write(step, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                # the order generator as it was before drawing the current epoch's order
+                "order_gen": order_gen.get_state() if at_epoch_end else epoch_start_gen,
+                "aug_gen": aug_gen.get_state(), "rng": _rng_state(x.device), "step": step, "history": history,
+                "epoch_sum": epoch_sum, "epoch_seen": epoch_seen,
+            }, keep=step in keep_steps)
+
+        def check_finite(loss_sum: float, epoch: int) -> None:
+            if not math.isfinite(loss_sum):  # raised before any checkpoint of the diverged state
+                raise TrainingDiverged(f"training loss became {loss_sum} at step {first_bad.item()} "
+                                       f"(epoch {epoch + 1}); lower train.lr?")
+
+        if checkpoints is not None and state is None and step >= last_step:
+            save(order_gen.get_state(), 0.0, 0)  # stopped before the first step (a spawn parent at step 0)
+        for epoch in bar:
+            if step >= last_step:
+                break
+            epoch_start_gen = order_gen.get_state()
+            order = torch.randperm(n, generator=order_gen).to(x.device)
+            total = torch.zeros((), device=x.device)
+            for i in range(start_i if epoch == start_epoch else 0, steps_per_epoch):
+                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.detach() * len(idx)
+                epoch_seen += len(idx)
+                step += 1
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+                if checkpoints is not None and i + 1 < steps_per_epoch and (step in keep_steps or step == last_step):
+                    check_finite(epoch_sum + total.item(), epoch)  # a kept step or the spawn point, mid-epoch
+                    save(epoch_start_gen, epoch_sum + total.item(), epoch_seen)
+                if step >= last_step:
+                    break
+            mean_loss = (epoch_sum + total.item()) / epoch_seen
+            check_finite(mean_loss, epoch)
+            if step % steps_per_epoch:
+                break  # stopped inside an epoch (spawn parent), checkpointed above
+            history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": sched.get_last_lr()[0]})
+            epoch_sum, epoch_seen = 0.0, 0
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
+            if checkpoints is not None and (
+                (epoch + 1) % cfg.checkpoint_every == 0 or step in keep_steps or step == last_step
+            ):
+                save(epoch_start_gen, 0.0, 0)
     model.eval()
     return history
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+@contextmanager
+def _rng_scope(seed: int, device: torch.device, state: Mapping | None = None):
+    """Global torch/numpy/python RNGs seeded by ``seed`` (or set to a checkpoint's ``state``) for the
+    duration of training, so training depends only on its seeds; the caller's RNG states are restored."""
+    saved = _rng_state(device)
+    try:
+        if state is None:
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+        else:
+            torch.set_rng_state(state["torch"])
+            np.random.set_state(state["numpy"])
+            random.setstate(state["python"])
+            if "cuda" in state and device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"], device)
+        yield
+    finally:
+        torch.set_rng_state(saved["torch"])
+        np.random.set_state(saved["numpy"])
+        random.setstate(saved["python"])
+        if "cuda" in saved:
+            torch.cuda.set_rng_state(saved["cuda"], device)
 
 
 @torch.inference_mode()
