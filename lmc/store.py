@@ -153,6 +153,8 @@ class Store:
         _atomic_write(path / "settings.json", json.dumps(settings, indent=2, default=str) + "\n")
         model = seeded_init(build, seeds["init"])
         checkpoints = CheckpointDir(path / "checkpoints")
+        if checkpoints.latest_file() is not None:
+            print(f"resuming {path} from {checkpoints.latest_file().name}", flush=True)
         t0 = time.perf_counter()
         history = train(model, data, train_cfg, data_seed=seeds["data"], aug_seed=seeds["aug"], progress=progress,
                         checkpoints=checkpoints, stop_step=stop_step, start=start)
