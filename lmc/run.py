@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -67,9 +68,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         with timings("train"):
             stored = train_endpoints(cfg, store, data, device)
         model_a, model_b = (s.model for s in stored[:2])
-        models = [model_a, model_b]
         endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy))) for split, xy in splits.items()}
-                     for tag, m in zip("ab", models)}
+                     for tag, m in zip("ab", (model_a, model_b))}
         hashes = {tag: s.hash for tag, s in zip(("a", "b", "parent"), stored)}
         reused = {tag: s.reused for tag, s in zip(("a", "b", "parent"), stored)}
 
@@ -87,15 +87,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         with timings("interpolate"):
             rows = []
             for method, (sd, perm_hash) in candidates.items():
-                def curves(method=method, sd=sd):
-                    out = sweep(model_a, sd_a, sd, alphas, splits, method, progress=cfg.progress)
-                    if cfg.interp.layerwise:
-                        out += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method, spec.layers,
-                                               progress=cfg.progress)
-                    return out
+                key = {"interp": OmegaConf.to_container(cfg.interp, resolve=True), "method": method,
+                       "a": hashes["a"], "b": hashes["b"], "alignment": perm_hash}
                 method_rows, hashes[f"curves/{method}"], reused[f"curves/{method}"] = store.curves(
-                    {"interp": OmegaConf.to_container(cfg.interp, resolve=True), "method": method,
-                     "a": hashes["a"], "b": hashes["b"], "alignment": perm_hash}, curves)
+                    key, partial(_curves, cfg, model_a, sd_a, sd, alphas, splits, method, spec.layers))
                 rows += method_rows
 
         results = {
@@ -160,6 +155,13 @@ def train_endpoints(cfg: DictConfig, store: Store, data, device: torch.device) -
     children = [get(tag, seeds[0], d, a, spawn={"step": step, "parent": parent.hash}, start=parent.final_state)
                 for tag, d, a in zip("ab", data_seeds, aug_seeds)]
     return [*children, parent]
+
+
+def _curves(cfg, model_a, sd_a, sd_b, alphas, splits, method, layers) -> list[dict]:
+    rows = sweep(model_a, sd_a, sd_b, alphas, splits, method, progress=cfg.progress)
+    if cfg.interp.layerwise:
+        rows += layerwise_sweep(model_a, sd_a, sd_b, alphas, splits, method, layers, progress=cfg.progress)
+    return rows
 
 
 def _model_kwargs(model_cfg: DictConfig) -> dict:
