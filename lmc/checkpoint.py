@@ -51,11 +51,12 @@ def load_verified(path: str | os.PathLike, sha256: str | None = None, map_locati
 
 
 class CheckpointDir:
-    """Training checkpoints of one model: ``step_<N>.pt`` files and ``latest.json`` pointing to the newest.
+    """Training checkpoints of one model: ``step_<N>.pt`` files, ``latest.json`` pointing to the newest
+    and ``kept.json`` listing those kept for later analyses (file → sha256).
 
-    Writing a checkpoint writes its file, then atomically replaces ``latest.json`` (step, file, sha256),
-    then removes the previous checkpoint unless it is kept; at every instant ``latest.json`` names a
-    complete file.
+    Writing a checkpoint writes its file, then (if kept) ``kept.json``, then atomically replaces
+    ``latest.json`` (step, file, sha256), then removes the previous checkpoint unless it is kept; at
+    every instant ``latest.json`` names a complete file.
     """
 
     def __init__(self, path: str | os.PathLike):
