@@ -47,9 +47,20 @@ NOT_TRAIN_IDENTITY = ("checkpoint_every", "keep_checkpoints")  # bookkeeping, no
 
 
 def settings_hash(settings: Mapping) -> str:
-    """First 16 hex digits of the sha256 of ``settings`` as canonical JSON (sorted keys)."""
-    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    """First 16 hex digits of the sha256 of ``settings`` as canonical JSON (sorted keys; integral floats
+    written as integers, so ``warmup_epochs=0`` and ``0.0`` are the same run)."""
+    canonical = json.dumps(_canonical(settings), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _canonical(value):
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def model_settings(

@@ -43,6 +43,7 @@ def test_hash_covers_exactly_the_weight_settings():
                            {"epochs": 2, "batch_size": 50, "lr": 0.01, "checkpoint_every": 5,
                             "keep_checkpoints": [1]}, 0, 0, 0)
     assert settings_hash(moved) == base
+    assert settings_hash(settings(warmup_epochs=0)) == settings_hash(settings(warmup_epochs=0.0))
     # every seed, the recipe and the spawn point do
     others = [settings(init=1), settings(data=1), settings(aug=1), settings(epochs=3),
               settings(spawn={"step": 4, "parent": "abc"})]
