@@ -21,6 +21,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -181,7 +182,14 @@ def _link_models(run_dir: Path, stored: list[StoredModel]) -> None:
             shutil.copyfile(s.path / "model.pt", link)
 
 
-FAILED_JOBS: list[str] = []  # multirun jobs that failed in this process (the sweep goes on without them)
+FAILED_JOBS: set[str] = set()  # failed jobs of this command's sweep (the sweep goes on without them)
+
+
+class ReportFailedJobs(Callback):
+    """After a sweep, whatever its launcher: the jobs that wrote ``error.txt`` (``hydra.callbacks``)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        FAILED_JOBS.update(str(p.parent) for p in Path(config.hydra.sweep.dir).glob("**/error.txt"))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -201,7 +209,7 @@ def main(cfg: DictConfig) -> dict | None:
             traceback.print_exc()
         print(message, file=sys.stderr)
         if multirun:  # one failed job must not stop the sweep; collect lists it as failed
-            FAILED_JOBS.append(str(run_dir))
+            FAILED_JOBS.add(str(run_dir))
             return None
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
 
@@ -223,9 +231,11 @@ def cli(argv: list[str] | None = None) -> None:
         sys.exit(2)
     main()
     if FAILED_JOBS:
-        print(f"error: {len(FAILED_JOBS)} job(s) failed: {', '.join(FAILED_JOBS)}", file=sys.stderr)
+        print(f"error: {len(FAILED_JOBS)} job(s) failed: {', '.join(sorted(FAILED_JOBS))}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    cli()
+    from lmc.run import cli as lmc_cli  # the importable module, where Hydra's callbacks record failed jobs
+
+    lmc_cli()

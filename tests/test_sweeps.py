@@ -59,7 +59,8 @@ def test_local_cluster_sweep_survives_a_failed_job(tmp_path, data_root):
     sweep_dir = tmp_path / "sweep"
     proc = lmc_run(["-m", "cluster=local", FOUR_JOBS_ONE_BAD, *FAST, f"store.root={tmp_path / 'store'}",
                     f"hydra.sweep.dir={sweep_dir}"], tmp_path, data_root, env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"error: 1 job(s) failed: {sweep_dir / '1'}" in proc.stderr
     assert (sweep_dir / ".submitit").is_dir()  # really ran through submitit
     check_four_jobs_one_failed(sweep_dir, tmp_path)
 
