@@ -26,7 +26,8 @@ from lmc.permutation import (
     weight_matching,
 )
 
-__all__ = ["ALIGN_METHODS", "MERGE_MODES", "align", "align_many", "check_merge", "train_batches"]
+__all__ = ["ALIGN_METHODS", "MERGE_MODES", "align", "align_many", "check_merge", "check_same_architecture",
+           "train_batches"]
 
 ALIGN_METHODS = ("weight_matching", "activation_matching", "ste", "sinkhorn", "none")
 MERGE_MODES = ("none", "reference", "merge_many")
@@ -49,6 +50,16 @@ def train_batches(data: Dataset, batch_size: int, seed: int, labels: bool = True
             yield (data.x_train[idx], data.y_train[idx]) if labels else data.x_train[idx]
 
 
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
+    """ConfigError unless both models have the same parameter and buffer names and shapes."""
+    shapes_a = {k: tuple(v.shape) for k, v in model_a.state_dict().items()}
+    shapes_b = {k: tuple(v.shape) for k, v in model_b.state_dict().items()}
+    if shapes_a != shapes_b:
+        diff = next(k for k in [*shapes_a, *shapes_b] if shapes_a.get(k) != shapes_b.get(k))
+        raise ConfigError(f"cannot align models of different architectures: '{diff}' is {shapes_a.get(diff)} in "
+                          f"model A and {shapes_b.get(diff)} in model B")
+
+
 def align(
     method: str,
     spec: PermutationSpec,
@@ -60,6 +71,7 @@ def align(
     """Permutation of ``model_b`` aligning it to ``model_a`` by ``method`` (``None`` for ``none``)."""
     o = dict(options or {})
     seed = int(o.get("seed", 0))
+    check_same_architecture(model_a, model_b)
     if method == "none":
         return None
     if method == "weight_matching":

@@ -6,21 +6,25 @@ Each failure raises :class:`lmc.errors.ConfigError` naming the bad value and wha
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from lmc.alignment import ALIGN_METHODS
 from lmc.data import DATASETS
 from lmc.errors import ConfigError
 from lmc.models import MODELS
 
-__all__ = ["DEVICES", "check_seeds", "check_choices", "resolve_device"]
+__all__ = ["DEVICES", "check_choices", "check_group_choices", "check_seeds", "resolve_device"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def check_seeds(seeds: Sequence, count: int = 2, at_least: bool = False) -> list[int]:
-    """``seeds`` as a list of ``count`` (or, with ``at_least``, ``count`` or more) distinct integers."""
+def check_seeds(seeds: Sequence, count: int = 2, at_least: bool = False, name: str = "seeds",
+                distinct: bool = True) -> list[int]:
+    """``seeds`` as a list of ``count`` (or, with ``at_least``, ``count`` or more) integers, distinct unless
+    ``distinct=False``; ``name`` is the config key named in the error."""
     try:
         values = list(seeds)
     except TypeError:
@@ -29,13 +33,19 @@ def check_seeds(seeds: Sequence, count: int = 2, at_least: bool = False) -> list
         values is None
         or (len(values) < count if at_least else len(values) != count)
         or not all(isinstance(s, int) and not isinstance(s, bool) for s in values)
-        or len(set(values)) != len(values)
+        or (distinct and len(set(values)) != len(values))
     ):
+        example = ",".join(str(i) for i in range(count + at_least))
+        kind = "distinct integers" if distinct else "integers"
         if at_least:
-            raise ConfigError(f"seeds must be at least {count} distinct integers when merging several models, "
-                              f"e.g. seeds=[0,1,2]; got {seeds}")
-        raise ConfigError(f"seeds must be {count} distinct integers, e.g. seeds=[0,1]; got {seeds}")
+            raise ConfigError(f"{name} must be at least {count} {kind} when merging several models, "
+                              f"e.g. {name}=[{example}]; got {_show(seeds)}")
+        raise ConfigError(f"{name} must be {count} {kind}, e.g. {name}=[{example}]; got {_show(seeds)}")
     return values
+
+
+def _show(value) -> str:
+    return str(OmegaConf.to_container(value)) if OmegaConf.is_config(value) else str(value)
 
 
 def check_choices(data_name: str, model_name: str, align_method: str) -> None:
@@ -46,6 +56,21 @@ def check_choices(data_name: str, model_name: str, align_method: str) -> None:
     ):
         if value not in valid:
             raise ConfigError(f"unknown {what} '{value}'; valid: {', '.join(sorted(valid))}")
+
+
+def check_group_choices(overrides: Sequence[str], conf_dir: str | Path) -> None:
+    """Command-line choices of config groups (``experiment=foo``, ``model=a,b``) must name files in
+    ``conf_dir/<group>/``; Hydra's own error for a missing one spans several lines."""
+    conf_dir = Path(conf_dir)
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        group = conf_dir / key
+        if not sep or key.startswith(("hydra", "-")) or not group.is_dir() or "(" in value or not value:
+            continue
+        valid = sorted(p.stem for p in group.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice.strip() not in (*valid, "null"):
+                raise ConfigError(f"unknown {key} '{choice.strip()}'; valid: {', '.join(valid)}")
 
 
 def resolve_device(device: str) -> torch.device:

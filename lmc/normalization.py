@@ -29,7 +29,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lmc.errors import ConfigError
 
-__all__ = ["Repair", "corrections", "has_batchnorm", "reset_bn_stats", "resolve_reset_bn", "stat_batches"]
+__all__ = ["Repair", "check_reset_bn", "corrections", "has_batchnorm", "reset_bn_stats", "resolve_reset_bn",
+           "stat_batches"]
 
 _AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -39,13 +40,16 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
+def check_reset_bn(value) -> None:
+    """``interp.reset_bn`` is ``auto``, ``true`` or ``false``."""
+    if value != "auto" and not isinstance(value, bool):
+        raise ConfigError(f"interp.reset_bn must be auto, true or false, got {value!r}")
+
+
 def resolve_reset_bn(value, model: nn.Module) -> bool:
     """``interp.reset_bn``: ``auto`` means "if the model has BatchNorm"."""
-    if value == "auto":
-        return has_batchnorm(model)
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"interp.reset_bn must be auto, true or false, got {value!r}")
+    check_reset_bn(value)
+    return has_batchnorm(model) if value == "auto" else value
 
 
 def stat_batches(x: torch.Tensor, num_batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:

@@ -15,9 +15,14 @@ __all__ = ["CURVE_COLUMNS", "read_curves", "read_results", "summary_table", "wri
 CURVE_COLUMNS = ("method", "layer", "split", "alpha", "loss", "acc")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``: readers see the
+    old file or the new one, never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 

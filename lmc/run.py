@@ -2,35 +2,47 @@
 
     config ─► data ─► train seed pair ─► align ─► interpolate over α ─► barriers ─► report
 
-Each stage is a plain function from its own module; this file only wires them together.
+Each stage is a plain function from its own module; this file only wires them together. Trained
+models, alignments and curves go through the run store (:mod:`lmc.store`), keyed by the settings that
+determine them, so a repeated or resumed run reuses what is already computed.
 """
 
 from __future__ import annotations
 
+import math
+import random
+import shutil
+import string
 import sys
 import time
+import traceback
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lmc.alignment import align, align_many, check_merge
 from lmc.barriers import barriers_from_curves, layerwise_barriers
-from lmc.config import check_choices, check_seeds, resolve_device
-from lmc.data import from_options, split_pair
+from lmc.config import check_choices, check_group_choices, check_seeds, resolve_device
+from lmc.data import Dataset, from_options, split_pair
 from lmc.diagnostics import alignment_diagnostics
-from lmc.errors import ConfigError
+from lmc.errors import ConfigError, StoreError
 from lmc.interpolation import alpha_grid, layerwise_sweep, sweep
 from lmc.models import build_model
-from lmc.normalization import corrections, resolve_reset_bn, stat_batches
+from lmc.normalization import check_reset_bn, corrections, resolve_reset_bn, stat_batches
 from lmc.permutation import apply_permutation, pairwise_barriers, permutation_spec
 from lmc.plotting import plot_run
-from lmc.results import summary_table, write_curves, write_results
+from lmc.results import _atomic_write, summary_table, write_curves, write_results
+from lmc.store import Store, StoredModel, model_settings
 from lmc.tracking import flatten, tracker
-from lmc.training import TrainConfig, evaluate, seeded_init, train_pair
+from lmc.training import TrainConfig, TrainingDiverged, concurrently, evaluate
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -44,66 +56,67 @@ class Timings(dict):
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """The whole method for one seed pair; writes the run directory's contract files."""
+    """The whole method for one seed pair (or, with ``align.merge``, several models); writes the run
+    directory's contract files."""
     merge = cfg.align.get("merge", "none")
     check_choices(cfg.data.name, cfg.model.name, cfg.align.method)
     check_merge(merge, cfg.align.method)
+    check_reset_bn(cfg.interp.reset_bn)
     seeds = check_seeds(cfg.seeds, at_least=merge != "none")
-    train_cfg = TrainConfig(**cfg.train)
     alphas = alpha_grid(cfg.interp.num_alphas)
     device = resolve_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
+    store = Store(cfg.store.root, cfg.store.on_corrupt)
+    store.check_writable()
     timings = Timings()
 
     with timings("data"):
         data = from_options(cfg.data, device)
-        train_data = split_pair(data, cfg.data.get("split", "none"), cfg.data.get("split_fraction", 0.2),
-                                cfg.data.get("split_seed", 0))  # model A's and B's training data
-        train_data = [*train_data, *[data] * (len(seeds) - 2)]  # further models (merging) train on all of it
     splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
+    eval_batch = cfg.interp.eval_batch_size
 
-    with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{seeds[0]}-{seeds[1]}") as track:
+    with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{'-'.join(map(str, seeds))}") as track:
         with timings("train"):
-            models = [seeded_init(lambda: build_model(cfg.model.name, data.input_shape, data.num_classes,
-                                                      **_model_kwargs(cfg.model)), seed).to(device) for seed in seeds]
-            norm = {"reset_bn": resolve_reset_bn(cfg.interp.reset_bn, models[0]), "repair": bool(cfg.interp.repair)}
-            train_pair(models, train_data, train_cfg, seeds, progress=cfg.progress)
+            stored = train_endpoints(cfg, store, data, device)
+        models = [s.model for s in stored[: len(seeds)]]
         model_a, model_b = models[:2]
-        eval_batch = cfg.interp.eval_batch_size
         endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy, eval_batch)))
                            for split, xy in splits.items()} for tag, m in zip("ab", models)}
+        tags = [*string.ascii_lowercase[: len(seeds)], "parent"]
+        hashes = {tag: s.hash for tag, s in zip(tags, stored)}
+        reused = {tag: s.reused for tag, s in zip(tags, stored)}
 
         with timings("align"):
             spec = permutation_spec(model_a, data.x_train[:2])
             sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-            candidates, diagnostics, pairwise = {"naive": sd_b}, {}, {}
-            if merge == "none":
-                perm = align(cfg.align.method, spec, model_a, model_b, data, cfg.align)
-            else:  # several models, all aligned into A's frame; barriers between every two of them
+            candidates, diagnostics, pairwise = {"naive": (sd_b, None)}, {}, {}
+            if merge != "none":  # several models, all aligned into A's frame; barriers between every two
                 perms = align_many(cfg.align.method, merge, spec, models, data, cfg.align)
-                perm = perms[1]
                 sds = [m.state_dict() for m in models]
+                aligned = [apply_permutation(spec, p, sd) for p, sd in zip(perms, sds)]
                 pairwise = {"naive": pairwise_barriers(model_a, sds, alphas, splits, seeds),
-                            cfg.align.method: pairwise_barriers(
-                                model_a, [apply_permutation(spec, p, sd) for p, sd in zip(perms, sds)],
-                                alphas, splits, seeds)}
-            if perm is not None:
-                candidates[cfg.align.method] = apply_permutation(spec, perm, sd_b)
+                            cfg.align.method: pairwise_barriers(model_a, aligned, alphas, splits, seeds)}
+                perm, perm_hash = perms[1], None
+            elif cfg.align.method != "none":
+                perm, perm_hash, reused["align"] = store.alignment(
+                    {"align": OmegaConf.to_container(cfg.align, resolve=True), "a": hashes["a"], "b": hashes["b"]},
+                    lambda: align(cfg.align.method, spec, model_a, model_b, data, cfg.align))
+                hashes["align"] = perm_hash
+            if cfg.align.method != "none":
+                candidates[cfg.align.method] = (apply_permutation(spec, perm, sd_b), perm_hash)
                 params = [dict(m.named_parameters()) for m in (model_a, model_b)]
                 diagnostics[cfg.align.method] = alignment_diagnostics(spec, *params, perm)
 
         with timings("interpolate"):
+            norm = {"reset_bn": resolve_reset_bn(cfg.interp.reset_bn, model_a), "repair": bool(cfg.interp.repair)}
             rows = []
-            batches = stat_batches(data.x_train, cfg.interp.stat_batches, cfg.interp.stat_batch_size,
-                                   cfg.interp.stat_seed) if any(norm.values()) else []
-            for method, sd in candidates.items():
-                correct, suffix = corrections(model_a, sd_a, sd, batches, **norm)
-                rows += sweep(model_a, sd_a, sd, alphas, splits, method + suffix, progress=cfg.progress,
-                              correct=correct, batch_size=eval_batch)
-                if cfg.interp.layerwise:  # one layer moves: BatchNorm reset only (REPAIR targets whole-model α)
-                    correct, suffix = corrections(model_a, sd_a, sd, batches, norm["reset_bn"], repair=False)
-                    rows += layerwise_sweep(model_a, sd_a, sd, alphas, splits, method + suffix, spec.layers,
-                                            progress=cfg.progress, correct=correct, batch_size=eval_batch)
+            for method, (sd, perm_hash) in candidates.items():
+                key = {"interp": OmegaConf.to_container(cfg.interp, resolve=True), "method": method,
+                       "a": hashes["a"], "b": hashes["b"], "alignment": perm_hash}
+                method_rows, hashes[f"curves/{method}"], reused[f"curves/{method}"] = store.curves(
+                    key, partial(interpolation_curves, cfg.interp, model_a, sd_a, sd, alphas, splits, method,
+                                 spec.layers, data.x_train, norm, cfg.progress))
+                rows += method_rows
 
         results = {
             "experiment": cfg.name,
@@ -114,14 +127,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "layerwise": layerwise_barriers(rows, endpoints) if cfg.interp.layerwise else {},
             "diagnostics": diagnostics,
             **({"pairwise": pairwise} if pairwise else {}),
-            "timings": dict(timings),
             "normalization": norm,  # corrections applied to every interpolated network (method label suffix)
+            "timings": dict(timings),
+            "store": {"root": str(store.root), "hashes": hashes},
+            "reused": reused,
         }
         with timings("report"):
             write_curves(run_dir, rows)
             write_results(run_dir, results)
             plots = plot_run(run_dir, results, rows)
-            _save_models(run_dir, cfg, models, seeds)
+            _link_models(run_dir, stored)
         results["timings"] = dict(timings)
         write_results(run_dir, results)
         track.log_curves(rows)
@@ -134,26 +149,147 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
+def train_endpoints(cfg: DictConfig, store: Store, data: Dataset, device: torch.device) -> list[StoredModel]:
+    """Models A and B (C, … when merging; then, with ``spawn.step=k``, their common parent), from the
+    store or trained.
+
+    Without spawning, model X has init seed ``seeds[X]``, data-order seed ``data_seeds[X]`` and
+    augmentation seed ``aug_seeds[X]`` (both default to ``seeds``), and trains on its part of
+    ``data.split`` (:func:`lmc.data.split_pair`; all of the training set by default). With
+    ``spawn.step=k`` (Frankle et al.'s instability analysis) one parent (init ``seeds[0]``) trains k
+    steps, then every model continues from it with its own data-order/augmentation seeds.
+    With ``train.concurrent_pair`` the models train at the same time (one CUDA stream each).
+    """
+    seeds = check_seeds(cfg.seeds, at_least=cfg.align.get("merge", "none") != "none")
+    count = len(seeds)
+    data_seeds = seeds if cfg.data_seeds is None else check_seeds(cfg.data_seeds, count, name="data_seeds",
+                                                                  distinct=False)
+    aug_seeds = seeds if cfg.aug_seeds is None else check_seeds(cfg.aug_seeds, count, name="aug_seeds",
+                                                                distinct=False)
+    train_cfg = TrainConfig(**cfg.train)
+    split = cfg.data.get("split", "none")
+    parts = split_pair(data, split, cfg.data.get("split_fraction", 0.2), cfg.data.get("split_seed", 0))
+    if split != "none" and count != 2:
+        raise ConfigError(f"data.split={split} trains exactly two models, got seeds={seeds}; use data.split=none")
+    parts = [*parts, *[data] * (count - 2)]
+    common = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "train")}
+
+    def build():
+        return build_model(cfg.model.name, data.input_shape, data.num_classes, **_model_kwargs(cfg.model)).to(device)
+
+    def get(i, init, data_seed, aug_seed, spawn=None, **kw):
+        tag = "parent" if spawn and "stop_step" in spawn else string.ascii_lowercase[i]
+        settings = model_settings(**common, init_seed=init, data_seed=data_seed, aug_seed=aug_seed, spawn=spawn,
+                                  data_part=i if split != "none" else None)
+        return store.trained_model(settings, build, parts[i], train_cfg,
+                                   progress=cfg.progress and f"train {tag} (seed {init})", **kw)
+
+    step = cfg.spawn.step
+    if step is None:
+        jobs = [partial(get, i, *s) for i, s in enumerate(zip(seeds, data_seeds, aug_seeds))]
+        return concurrently(jobs, train_cfg.concurrent_pair, device)
+    total = math.ceil(len(parts[0].y_train) / train_cfg.batch_size) * train_cfg.epochs
+    if not (isinstance(step, int) and 0 <= step <= total):
+        raise ConfigError(f"spawn.step must be an integer step in [0, {total}] (train.epochs × steps per epoch) "
+                          f"or null, got {step}")
+    if split != "none":
+        raise ConfigError(f"spawn.step needs one training set for parent and children, got data.split={split}; "
+                          "use data.split=none")
+    if len(set(zip(data_seeds, aug_seeds))) != count:
+        raise ConfigError(f"spawned children need different data_seeds or aug_seeds, got {data_seeds}, {aug_seeds}")
+    parent = get(0, seeds[0], data_seeds[0], aug_seeds[0], spawn={"stop_step": step}, stop_step=step)
+    jobs = [partial(get, i, seeds[0], d, a, spawn={"step": step, "parent": parent.hash}, start=parent.final_state)
+            for i, (d, a) in enumerate(zip(data_seeds, aug_seeds))]
+    return [*concurrently(jobs, train_cfg.concurrent_pair, device), parent]
+
+
+def interpolation_curves(interp: DictConfig, model_a, sd_a, sd_b, alphas, splits, method, layers, x_train, norm,
+                         progress) -> list[dict]:
+    """Whole-model (and layer-wise) curves from A to ``sd_b``, each α corrected by BatchNorm reset and/or
+    REPAIR (``norm``); the corrections add a suffix to the ``method`` label."""
+    batches = stat_batches(x_train, interp.stat_batches, interp.stat_batch_size, interp.stat_seed) \
+        if any(norm.values()) else []
+    correct, suffix = corrections(model_a, sd_a, sd_b, batches, **norm)
+    rows = sweep(model_a, sd_a, sd_b, alphas, splits, method + suffix, progress=progress, correct=correct,
+                 batch_size=interp.eval_batch_size)
+    if interp.layerwise:  # one layer moves: BatchNorm reset only (REPAIR targets whole-model α)
+        correct, suffix = corrections(model_a, sd_a, sd_b, batches, norm["reset_bn"], repair=False)
+        rows += layerwise_sweep(model_a, sd_a, sd_b, alphas, splits, method + suffix, layers, progress=progress,
+                                correct=correct, batch_size=interp.eval_batch_size)
+    return rows
+
+
 def _model_kwargs(model_cfg: DictConfig) -> dict:
     return {k: v for k, v in model_cfg.items() if k != "name"}
 
 
-def _save_models(run_dir: Path, cfg: DictConfig, models, seeds) -> None:
+def _link_models(run_dir: Path, stored: list[StoredModel]) -> None:
+    """``checkpoints/model_{a,b}.pt`` in the run directory: links to the stored models."""
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
-    for tag, model, seed in zip("ab", models, seeds):
-        torch.save({"model": OmegaConf.to_container(cfg.model, resolve=True), "seed": seed,
-                    "state_dict": model.state_dict()}, ckpt_dir / f"model_{tag}.pt")
+    for tag, s in zip("ab", stored):
+        link = ckpt_dir / f"model_{tag}.pt"
+        link.unlink(missing_ok=True)
+        try:
+            link.symlink_to((s.path / "model.pt").resolve())
+        except OSError:
+            shutil.copyfile(s.path / "model.pt", link)
+
+
+FAILED_JOBS: set[str] = set()  # failed jobs of this command's sweep (the sweep goes on without them)
+
+
+class ReportFailedJobs(Callback):
+    """After a sweep, whatever its launcher: the jobs that wrote ``error.txt`` (``hydra.callbacks``)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        FAILED_JOBS.update(str(p.parent) for p in Path(config.hydra.sweep.dir).glob("**/error.txt"))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    reset_global_state()
     try:
-        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return run(cfg, run_dir)
+    except Exception as exc:
+        user_fault = isinstance(exc, (ConfigError, StoreError, TrainingDiverged))
+        message = f"error: {exc}" if user_fault else f"error: {type(exc).__name__}: {exc}"
+        _atomic_write(run_dir / "error.txt", message + ("\n" if user_fault else "\n" + traceback.format_exc()))
+        if not multirun and not user_fault:
+            raise
+        if not user_fault:
+            traceback.print_exc()
+        print(message, file=sys.stderr)
+        if multirun:  # one failed job must not stop the sweep; collect lists it as failed
+            FAILED_JOBS.add(str(run_dir))
+            return None
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+def reset_global_state() -> None:
+    """Every job starts alike, whether it is the first of a process or a later one (basic launcher)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    torch.set_grad_enabled(True)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m lmc.run``: Hydra's main, with unknown config-group choices reported as one line."""
+    try:
+        check_group_choices(sys.argv[1:] if argv is None else argv, CONF_DIR)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    main()
+    if FAILED_JOBS:
+        print(f"error: {len(FAILED_JOBS)} job(s) failed: {', '.join(sorted(FAILED_JOBS))}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    from lmc.run import cli as lmc_cli  # the importable module, where Hydra's callbacks record failed jobs
+
+    lmc_cli()

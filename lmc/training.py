@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from lmc.checkpoint import CheckpointDir
 from lmc.data import Dataset
 from lmc.errors import ConfigError
 
-__all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "seeded_init", "train", "train_pair"]
+__all__ = ["TrainConfig", "TrainingDiverged", "concurrently", "evaluate", "seeded_init", "train", "train_pair"]
 
 
 @dataclass
@@ -35,7 +38,9 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for the forward pass (CUDA only; ignored on CPU)
     channels_last: bool = False  # channels-last memory format for 4-D inputs and weights (CUDA only)
     compile: bool = False  # torch.compile the model for the training steps
-    concurrent_pair: bool = False  # train_pair: train both models at once (two threads, one CUDA stream each)
+    concurrent_pair: bool = False  # train both models of a pair at once (two threads, one CUDA stream each)
+    checkpoint_every: int = 1  # epochs between training checkpoints (run store only; not part of the model hash)
+    keep_checkpoints: Sequence = ()  # epochs (3 or "3ep") or steps ("100st") whose checkpoints are kept
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -51,6 +56,22 @@ class TrainConfig:
         if self.compile and self.concurrent_pair:
             raise ConfigError("train.compile=true cannot be combined with train.concurrent_pair=true "
                               "(torch.compile is not thread-safe); set one of them to false")
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every > 0):
+            raise ConfigError(f"train.checkpoint_every must be a positive integer (epochs), "
+                              f"got {self.checkpoint_every}")
+        self.keep_steps(1)  # validates keep_checkpoints
+
+    def keep_steps(self, steps_per_epoch: int) -> set[int]:
+        """``keep_checkpoints`` as optimiser steps: ``3`` or ``"3ep"`` → end of epoch 3, ``"100st"`` → step 100."""
+        steps = set()
+        for point in self.keep_checkpoints or ():
+            text = str(point).strip()
+            unit, num = ("st", text[:-2]) if text.endswith("st") else ("ep", text.removesuffix("ep"))
+            if not num.isdigit() or int(num) <= 0:
+                raise ConfigError(f"bad train.keep_checkpoints entry '{point}'; valid: epochs (3 or '3ep') "
+                                  f"or steps ('100st'), positive")
+            steps.add(int(num) * (steps_per_epoch if unit == "ep" else 1))
+        return steps
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,61 +127,142 @@ def train(
     data: Dataset,
     cfg: TrainConfig,
     data_seed: int,
-    progress: bool | str = True,
     aug_seed: int | None = None,
+    progress: bool | str = True,
+    checkpoints: CheckpointDir | None = None,
+    stop_step: int | None = None,
+    start: Mapping | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``data`` (tensors already on the model's device).
 
-    The order of examples is drawn from a generator seeded by ``data_seed`` alone, so the model's
-    initialisation and its data order are independent choices. Returns one record per epoch
-    (``epoch``, ``loss``: mean training loss, ``lr``).
+    The order of examples is drawn from a generator seeded by ``data_seed`` alone, augmentation (and
+    any other randomness inside the step) from ``aug_seed`` (default ``data_seed``), so the model's
+    initialisation, its data order and its augmentation are independent choices. If ``data.augment``
+    is set, every batch is augmented on the device with draws from the augmentation generator. Returns one record
+    per epoch (``epoch``, ``loss``: mean training loss, ``lr``).
 
-    If ``data.augment`` is set, every batch is augmented on the device with draws from its own
-    generator seeded by ``aug_seed`` (default: ``data_seed``), independent of the data order.
+    With ``checkpoints``, the full training state (model, optimiser, scheduler, generators, RNGs,
+    step, history) is written every ``cfg.checkpoint_every`` epochs, at ``cfg.keep_checkpoints`` (kept)
+    and at the last step; training resumes from the newest checkpoint found there, and ends bitwise
+    identical (on the CPU) to an uninterrupted run. ``stop_step`` stops after that many optimiser
+    steps (a spawn parent); ``start`` is such a parent's final state, from which this run continues
+    with its own data-order and augmentation seeds (a spawned child).
     """
     x, y = data.x_train, data.y_train
     n = len(y)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    last_step = total_steps if stop_step is None else min(stop_step, total_steps)
+    keep_steps = cfg.keep_steps(steps_per_epoch)
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch * cfg.epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, total_steps))
+    aug_seed = data_seed if aug_seed is None else aug_seed
     order_gen = torch.Generator(device="cpu").manual_seed(data_seed)
     augment = data.augment
-    aug_gen = None if augment is None else torch.Generator(device=x.device).manual_seed(
-        data_seed if aug_seed is None else aug_seed)
+    aug_gen = torch.Generator(device=x.device).manual_seed(aug_seed)
     forward, autocast, memory_format = _fast_path(model, cfg, x.device)
-    history = []
+    history: list[dict] = []
+    step, epoch_sum, epoch_seen = 0, 0.0, 0
+    state = checkpoints.latest() if checkpoints is not None else None
+    resume = state is not None
+    if state is None and start is not None:
+        state = start
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history = state["step"], list(state["history"])
+        if resume:  # the same run, continued: its generators and RNGs as they were
+            order_gen.set_state(state["order_gen"])
+            aug_gen.set_state(state["aug_gen"])
+            epoch_sum, epoch_seen = state["epoch_sum"], state["epoch_seen"]
+    start_epoch, start_i = divmod(step, steps_per_epoch)
     desc = progress if isinstance(progress, str) else "train"
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, disable=not progress or step >= last_step, leave=False)
     model.train()
-    # first optimiser step whose loss was not finite (-1: none); kept on the device, read once per epoch
-    first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
-    for epoch in bar:
-        order = torch.randperm(n, generator=order_gen).to(x.device)
-        total = torch.zeros((), device=x.device)
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            xb = x[idx] if augment is None else augment(x[idx], aug_gen)
-            if memory_format is not None:
-                xb = xb.contiguous(memory_format=memory_format)
-            with autocast():
-                loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach() * len(idx)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                    epoch * steps_per_epoch + i + 1, first_bad)
-        mean_loss = total.item() / n
-        if not math.isfinite(mean_loss):
-            raise TrainingDiverged(f"training loss became {mean_loss} at step {first_bad.item()} "
-                                   f"(epoch {epoch + 1}); lower train.lr?")
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": sched.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{mean_loss:.3f}")
+    with _rng_scope(aug_seed, x.device, state["rng"] if resume else None):
+        # first optimiser step whose loss was not finite (-1: none); kept on the device, read once per epoch
+        first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
+
+        def save(epoch_start_gen: torch.Tensor, epoch_sum: float, epoch_seen: int) -> None:
+            at_epoch_end = step % steps_per_epoch == 0
+            checkpoints.write(step, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                # the order generator as it was before drawing the current epoch's order
+                "order_gen": order_gen.get_state() if at_epoch_end else epoch_start_gen,
+                "aug_gen": aug_gen.get_state(), "rng": _rng_state(x.device), "step": step, "history": history,
+                "epoch_sum": epoch_sum, "epoch_seen": epoch_seen,
+            }, keep=step in keep_steps)
+
+        def check_finite(loss_sum: float, epoch: int) -> None:
+            if not math.isfinite(loss_sum):  # raised before any checkpoint of the diverged state
+                raise TrainingDiverged(f"training loss became {loss_sum} at step {first_bad.item()} "
+                                       f"(epoch {epoch + 1}); lower train.lr?")
+
+        if checkpoints is not None and state is None and step >= last_step:
+            save(order_gen.get_state(), 0.0, 0)  # stopped before the first step (a spawn parent at step 0)
+        for epoch in bar:
+            if step >= last_step:
+                break
+            epoch_start_gen = order_gen.get_state()
+            order = torch.randperm(n, generator=order_gen).to(x.device)
+            total = torch.zeros((), device=x.device)
+            for i in range(start_i if epoch == start_epoch else 0, steps_per_epoch):
+                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                xb = x[idx] if augment is None else augment(x[idx], aug_gen)
+                if memory_format is not None:
+                    xb = xb.contiguous(memory_format=memory_format)
+                with autocast():
+                    loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.detach() * len(idx)
+                epoch_seen += len(idx)
+                step += 1
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+                if checkpoints is not None and i + 1 < steps_per_epoch and (step in keep_steps or step == last_step):
+                    check_finite(epoch_sum + total.item(), epoch)  # a kept step or the spawn point, mid-epoch
+                    save(epoch_start_gen, epoch_sum + total.item(), epoch_seen)
+                if step >= last_step:
+                    break
+            mean_loss = (epoch_sum + total.item()) / epoch_seen
+            check_finite(mean_loss, epoch)
+            if step % steps_per_epoch:
+                break  # stopped inside an epoch (spawn parent), checkpointed above
+            history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": sched.get_last_lr()[0]})
+            epoch_sum, epoch_seen = 0.0, 0
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
+            if checkpoints is not None and (
+                (epoch + 1) % cfg.checkpoint_every == 0 or step in keep_steps or step == last_step
+            ):
+                save(epoch_start_gen, 0.0, 0)
     if memory_format is not None:
         model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
+
+
+def concurrently(jobs: Sequence[Callable[[], object]], enabled: bool, device: torch.device) -> list:
+    """Run ``jobs`` one after the other, or with ``enabled`` at the same time: one thread per job, each
+    issuing its work on its own CUDA stream (on a CUDA ``device``), so a GPU that one small model leaves
+    idle can overlap two trainings. Jobs must share no state."""
+
+    def one(job):
+        stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+        if stream is None:
+            return job()
+        stream.wait_stream(torch.cuda.current_stream(device))  # after the work already queued (init, data)
+        with torch.cuda.stream(stream):
+            out = job()
+        stream.synchronize()
+        return out
+
+    if not enabled:
+        return [one(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return [f.result() for f in [pool.submit(one, job) for job in jobs]]
 
 
 def train_pair(
@@ -171,26 +273,43 @@ def train_pair(
     progress: bool = True,
 ) -> list[list[dict]]:
     """:func:`train` each model on its data with its seed (data order and augmentation), one after the
-    other, or with ``cfg.concurrent_pair`` at the same time: one thread per model, each issuing its
-    work on its own CUDA stream, so a GPU that one small model leaves idle can overlap the two. The
-    trainings share nothing, so the results equal the sequential ones (bit for bit on CPU)."""
+    other or, with ``cfg.concurrent_pair``, at the same time (:func:`concurrently`). The trainings share
+    nothing, so the results equal the sequential ones (bit for bit on CPU)."""
+    jobs = [functools.partial(train, m, d, cfg, data_seed=s, aug_seed=s, progress=progress and f"train {i} (seed {s})")
+            for i, (m, d, s) in enumerate(zip(models, datas, seeds))]
+    return concurrently(jobs, cfg.concurrent_pair, datas[0].x_train.device)
 
-    def one(i: int) -> list[dict]:
-        label = progress and f"train {'ab'[i]} (seed {seeds[i]})"
-        device = datas[i].x_train.device
-        stream = torch.cuda.Stream(device) if cfg.concurrent_pair and device.type == "cuda" else None
-        if stream is not None:  # start after the work already queued (init, data) on the default stream
-            stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            history = train(models[i], datas[i], cfg, data_seed=seeds[i], aug_seed=seeds[i], progress=label)
-        if stream is not None:
-            stream.synchronize()
-        return history
 
-    if not cfg.concurrent_pair:
-        return [one(i) for i in range(len(models))]
-    with ThreadPoolExecutor(max_workers=len(models)) as pool:
-        return [f.result() for f in [pool.submit(one, i) for i in range(len(models))]]
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+@contextmanager
+def _rng_scope(seed: int, device: torch.device, state: Mapping | None = None):
+    """Global torch/numpy/python RNGs seeded by ``seed`` (or set to a checkpoint's ``state``) for the
+    duration of training, so training depends only on its seeds; the caller's RNG states are restored."""
+    saved = _rng_state(device)
+    try:
+        if state is None:
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+        else:
+            torch.set_rng_state(state["torch"])
+            np.random.set_state(state["numpy"])
+            random.setstate(state["python"])
+            if "cuda" in state and device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"], device)
+        yield
+    finally:
+        torch.set_rng_state(saved["torch"])
+        np.random.set_state(saved["numpy"])
+        random.setstate(saved["python"])
+        if "cuda" in saved:
+            torch.cuda.set_rng_state(saved["cuda"], device)
 
 
 @torch.inference_mode()

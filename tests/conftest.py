@@ -20,3 +20,16 @@ def mnist1d(data_root):
     from lmc.data import load_dataset
 
     return load_dataset("mnist1d", data_root)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_store(tmp_path_factory):
+    """The run store of tests that do not name one: a per-session folder, never ./store of the checkout
+    (a stale store there would let a test load models instead of training them)."""
+    old = os.environ.get("LMC_STORE")
+    os.environ["LMC_STORE"] = str(tmp_path_factory.mktemp("store"))
+    yield
+    if old is None:
+        os.environ.pop("LMC_STORE", None)
+    else:
+        os.environ["LMC_STORE"] = old
