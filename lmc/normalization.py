@@ -54,6 +54,9 @@ def resolve_reset_bn(value, model: nn.Module) -> bool:
 
 def stat_batches(x: torch.Tensor, num_batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
     """``num_batches`` batches of ``x`` without repetition (as many as fit), drawn with ``seed``."""
+    if num_batches < 1 or batch_size < 1:
+        raise ConfigError(f"interp.stat_batches and interp.stat_batch_size must be positive integers, "
+                          f"got {num_batches} and {batch_size}")
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
     order = order[: num_batches * batch_size]
     return [x[order[i : i + batch_size]] for i in range(0, len(order), batch_size)]

@@ -52,6 +52,8 @@ def test_stat_batches_are_seeded():
     assert all(torch.equal(p, q) for p, q in zip(b1, b2)) and not torch.equal(b1[0], b3[0])
     assert len(torch.cat(b1).unique()) == 60  # no repeats
     assert len(stat_batches(x, 10, 30, 0)) == 4  # as many as fit
+    with pytest.raises(ConfigError, match="must be positive integers, got 0 and 20"):
+        stat_batches(x, 0, 20, 0)
 
 
 def test_reset_bn_recomputes_running_stats_deterministically():

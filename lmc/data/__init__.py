@@ -25,8 +25,8 @@ from torch.nn import functional as F
 
 from lmc.errors import ConfigError
 
-__all__ = ["DATASETS", "SPLITS", "Augmentation", "Dataset", "default_data_root", "download", "load_dataset",
-           "split_pair"]
+__all__ = ["DATASETS", "SPLITS", "Augmentation", "Dataset", "default_data_root", "download", "from_options",
+           "load_dataset", "split_pair"]
 
 
 @dataclass
