@@ -25,12 +25,16 @@ def one_line_error(proc, code, message):
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
+EXPERIMENTS = "mlp_fashion_mnist, mlp_mnist, mlp_mnist1d, resnet_cifar, resnet_cifar_split, vgg_cifar"
+DATASETS = "cifar10, cifar100, fashion_mnist, mnist, mnist1d, svhn"
+
+
 @pytest.mark.parametrize("args,message", [
-    (["experiment=foo"], "error: unknown experiment 'foo'; valid: mlp_mnist1d"),
-    (["-m", "experiment=mlp_mnist1d,foo"], "error: unknown experiment 'foo'; valid: mlp_mnist1d"),
-    (["model=transformer"], "error: unknown model 'transformer'; valid: mlp"),
-    (["data=imagenet"], "error: unknown data 'imagenet'; valid: mnist1d"),
-    (["align=magic"], "error: unknown align 'magic'; valid: none, weight_matching"),
+    (["experiment=foo"], "error: unknown experiment 'foo'; valid: " + EXPERIMENTS),
+    (["-m", "experiment=mlp_mnist1d,foo"], "error: unknown experiment 'foo'; valid: " + EXPERIMENTS),
+    (["model=transformer"], "error: unknown model 'transformer'; valid: cnn1d, mlp, resnet20, vgg"),
+    (["data=imagenet"], "error: unknown data 'imagenet'; valid: " + DATASETS),
+    (["align=magic"], "error: unknown align 'magic'; valid: activation_matching, none, sinkhorn, ste, weight_matching"),
     (["seeds=[0,0.5]"], "error: seeds must be 2 distinct integers, e.g. seeds=[0,1]; got [0, 0.5]"),
     (["data_seeds=[3]"], "error: data_seeds must be 2 integers, e.g. data_seeds=[0,1]; got [3]"),
     (["store.on_corrupt=ignore"], "error: unknown store.on_corrupt 'ignore'; valid: error, retrain"),
@@ -102,20 +106,17 @@ def test_unwritable_store_root_from_the_command_line(tmp_path, data_root):
     one_line_error(proc, 1, f"error: store.root '{blocker / 'store'}' is not writable (Not a directory)")
 
 
-def test_missing_dataset_leaves_the_store_untouched(tmp_path, data_root, monkeypatch):
-    import lmc.run
-
+def test_missing_dataset_leaves_the_store_untouched(tmp_path, data_root):
     cfg = compose_run_cfg([*QUICK, f"data.root={data_root}", f"store.root={tmp_path / 'store'}"])
     (tmp_path / "first").mkdir()
     run(cfg, tmp_path / "first")
     before = {p: p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file()}
 
-    def offline(name, root):
-        raise ConfigError(f"dataset '{name}' not found under {root} and downloads are off")
-
-    monkeypatch.setattr(lmc.run, "load_dataset", offline)
-    with pytest.raises(ConfigError, match="not found under"):
-        run(cfg, tmp_path / "second")
+    # the same store, a dataset that is not on disk (and downloads are off): the real loader's error
+    missing = compose_run_cfg([*QUICK, "data=cifar10", f"data.root={tmp_path / 'empty'}",
+                               f"store.root={tmp_path / 'store'}"])
+    with pytest.raises(ConfigError, match=r"dataset cifar10 not found .*python -m lmc.data download cifar10"):
+        run(missing, tmp_path / "second")
     after = {p: p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file()}
     assert after == before
 
