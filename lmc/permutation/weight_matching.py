@@ -151,6 +151,7 @@ def weight_matching(
         return cost.numpy()
 
     def assign(cost: np.ndarray, current: torch.Tensor) -> tuple[np.ndarray, float]:
+        """The best assignment for ``cost`` and how much it gains over ``current``."""
         _, col = linear_sum_assignment(cost, maximize=True)
         rows = np.arange(len(col))
         return col, cost[rows, col].sum() - cost[rows, current.numpy()].sum()
@@ -166,9 +167,10 @@ def weight_matching(
             cost = cost_of(g)
             col, gain = assign(cost, perm[g])
             scale = max(1.0, float(np.abs(cost).max()) * len(col))
-            if 0 < gain <= 1e-5 * scale:  # within rounding of the updated costs: decide on exact ones
-                cost = cost_of(g, exact=True)
-                col, gain = assign(cost, perm[g])
+            if 0 < gain <= 1e-5 * scale:  # within rounding of the updated costs: check it on exact ones
+                exact = cost_of(g, exact=True)
+                rows = np.arange(len(col))
+                gain = exact[rows, col].sum() - exact[rows, perm[g].numpy()].sum()
             solved_at[g] = state
             if gain > 1e-12 * scale:
                 progress = True
