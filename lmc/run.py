@@ -94,8 +94,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 perms = align_many(cfg.align.method, merge, spec, models, data, cfg.align)
                 sds = [m.state_dict() for m in models]
                 aligned = [apply_permutation(spec, p, sd) for p, sd in zip(perms, sds)]
-                pairwise = {"naive": pairwise_barriers(model_a, sds, alphas, splits, seeds),
-                            cfg.align.method: pairwise_barriers(model_a, aligned, alphas, splits, seeds)}
+                pairwise = {name: pairwise_barriers(model_a, group, alphas, splits, seeds, batch_size=eval_batch)
+                            for name, group in (("naive", sds), (cfg.align.method, aligned))}
                 perm, perm_hash = perms[1], None
             elif cfg.align.method != "none":
                 perm, perm_hash, reused["align"] = store.alignment(

@@ -324,3 +324,12 @@ def test_every_align_config_runs(name):
     else:
         assert set(found) == set(spec.groups)
         assert all(torch.equal(torch.sort(p).values, torch.arange(len(p))) for p in found.values())
+
+
+def test_learned_methods_leave_the_models_untouched():
+    model, spec, sd_a, sd_b, _, x, y = setup(ZOO[4][1], (3, 8, 8))  # ResNet-20 with BatchNorm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lmc.ste(spec, model, model.state_dict(), sd_b, batches(x, y), steps=2)
+    lmc.sinkhorn(spec, model, model.state_dict(), sd_b, batches(x, y), steps=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not model.training

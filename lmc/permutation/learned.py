@@ -45,8 +45,14 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _midpoint(sd_a: dict, sd_b: dict) -> dict:
-    return {k: (0.5 * (v + sd_b[k]) if v.is_floating_point() else v) for k, v in sd_a.items()}
+def _midpoint(sd_a: dict, sd_b: dict, buffers: set[str]) -> dict:
+    """(A + B) / 2. Buffers are fresh, gradient-free copies: BatchNorm in train mode updates its running
+    statistics and batch count in place, and must not see a gradient through them."""
+    out = {}
+    for k, v in sd_a.items():
+        mid = 0.5 * (v + sd_b[k]) if v.is_floating_point() else v.clone()
+        out[k] = mid.detach() if k in buffers else mid
+    return out
 
 
 def _check(steps: int, lr: float) -> None:
@@ -75,6 +81,7 @@ def ste(
     free = {k: sd_a[k].clone().requires_grad_(True) for k in names}
     opt = torch.optim.Adam(free.values(), lr=lr)
     b_params = {k: sd_b[k] for k in names}
+    buffers = {k for k, _ in model.named_buffers()}
     was = model.training
     model.train(_has_batchnorm(model))
     perm = None
@@ -85,7 +92,7 @@ def ste(
             proj = apply_permutation(spec, perm, sd_b)
             b_st = {**proj, **{k: free[k] + (proj[k] - free[k]).detach() for k in names}}
             x, y = next(batches)
-            loss = _loss(model, _midpoint(sd_a, b_st), x, y)
+            loss = _loss(model, _midpoint(sd_a, b_st, buffers), x, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -138,6 +145,7 @@ def sinkhorn_rebasin(
     opt = torch.optim.Adam(logits.values(), lr=lr)
     permuted_keys = [k for k in sd_a if any(spec.axes_to_perm.get(k, ()))]
     floats_b = {k: v for k, v in sd_b.items() if v.is_floating_point()}
+    buffers = {k for k, _ in model.named_buffers()}
     was = model.training
     model.train(_has_batchnorm(model))
     try:
@@ -150,7 +158,7 @@ def sinkhorn_rebasin(
                 loss = sum(((sd_a[k] - soft_b[k]) ** 2).sum() for k in permuted_keys)
             else:
                 x, y = next(batches)
-                loss = _loss(model, _midpoint(sd_a, soft_b), x, y)
+                loss = _loss(model, _midpoint(sd_a, soft_b, buffers), x, y)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -85,12 +85,14 @@ def pairwise_barriers(
     alphas: Sequence[float],
     splits: dict,
     names: Sequence[str] | None = None,
+    **sweep_options,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{"i-j": {split: barriers}}`` of the linear path between every two of ``state_dicts``."""
+    """``{"i-j": {split: barriers}}`` of the linear path between every two of ``state_dicts``
+    (``sweep_options``, e.g. ``batch_size``, go to :func:`lmc.interpolation.sweep`)."""
     names = list(names or range(len(state_dicts)))
     out = {}
     for i in range(len(state_dicts)):
         for j in range(i + 1, len(state_dicts)):
-            rows = sweep(model, state_dicts[i], state_dicts[j], alphas, splits, "pair")
+            rows = sweep(model, state_dicts[i], state_dicts[j], alphas, splits, "pair", **sweep_options)
             out[f"{names[i]}-{names[j]}"] = barriers_from_curves(rows)["pair"]
     return out

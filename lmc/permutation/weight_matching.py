@@ -133,39 +133,46 @@ def weight_matching(
     terms = _terms(spec, params_a, params_b, dtype)
     perm = {g: p.clone().cpu() for g, p in (init_perm or identity_permutation(spec)).items()}
     groups = [g for g in spec.perm_to_axes if g in terms]
-    version = dict.fromkeys(spec.sizes, 0)
-    # per group: constant part (terms with no other group) and cached dependent terms
-    const: dict[str, torch.Tensor] = {}
-    solved_at: dict[str, tuple[int, ...]] = {}
+    version = dict.fromkeys(spec.sizes, 0)  # bumped whenever a group's permutation changes
     deps = {g: sorted({o for t in terms[g] for _, o, _ in t.others}) for g in groups}
-    for g in groups:
-        n = spec.sizes[g]
-        fixed = [t for t in terms[g] if not t.others]
-        const[g] = sum((_term_cost(t, perm, n) for t in fixed), torch.zeros(n, n, dtype=torch.float64,
-                                                                           device=fixed[0].a.device if fixed
-                                                                           else "cpu"))
-        for t in terms[g]:
+    solved_at: dict[str, tuple[int, ...]] = {}  # versions of a group's deps at its last assignment
+    const = {g: sum(_term_cost(t, perm, spec.sizes[g]).cpu() for t in terms[g] if not t.others) for g in groups}
+    for ts in terms.values():
+        for t in ts:
             t.cost = t.used = None
+
+    def cost_of(g: str, exact: bool = False) -> np.ndarray:
+        cost = torch.zeros(spec.sizes[g], spec.sizes[g], dtype=torch.float64) + const[g]
+        for t in terms[g]:
+            if t.others:
+                if exact:
+                    t.cost = None  # recompute from scratch: no accumulated rounding of updates
+                cost += _cached_cost(t, perm, spec.sizes[g]).cpu()
+        return cost.numpy()
+
+    def assign(cost: np.ndarray, current: torch.Tensor) -> tuple[np.ndarray, float]:
+        """The best assignment for ``cost`` and how much it gains over ``current``."""
+        _, col = linear_sum_assignment(cost, maximize=True)
+        rows = np.arange(len(col))
+        return col, cost[rows, col].sum() - cost[rows, current.numpy()].sum()
+
     rng = np.random.default_rng(seed)
     for _ in range(max_iter):
         progress = False
         for gi in rng.permutation(len(groups)):
             g = groups[gi]
-            n = spec.sizes[g]
             state = tuple(version[o] for o in deps[g])
             if solved_at.get(g) == state:
                 continue  # same cost matrix as at this group's last assignment: no improvement possible
-            cost = const[g].clone()
-            for t in terms[g]:
-                if t.others:
-                    cost = cost + _cached_cost(t, perm, n).to(cost.device)
-            cost_np = cost.cpu().numpy()
-            _, col = linear_sum_assignment(cost_np, maximize=True)
-            rows = np.arange(n)
-            old = cost_np[rows, perm[g].numpy()].sum()
-            new = cost_np[rows, col].sum()
+            cost = cost_of(g)
+            col, gain = assign(cost, perm[g])
+            scale = max(1.0, float(np.abs(cost).max()) * len(col))
+            if 0 < gain <= 1e-5 * scale:  # within rounding of the updated costs: check it on exact ones
+                exact = cost_of(g, exact=True)
+                rows = np.arange(len(col))
+                gain = exact[rows, col].sum() - exact[rows, perm[g].numpy()].sum()
             solved_at[g] = state
-            if new > old + 1e-12 * max(1.0, abs(old)):
+            if gain > 1e-12 * scale:
                 progress = True
                 perm[g] = torch.from_numpy(col).long()
                 version[g] += 1
