@@ -1,4 +1,13 @@
-"""Regenerate a run's plots from its stored files, offline: ``python -m lmc.figures RUN_DIR [...]``."""
+"""Regenerate figures from stored results, offline and without W&B.
+
+    python -m lmc.figures RUN_DIR [RUN_DIR ...]            # curves.png and layerwise.png of each run
+    python -m lmc.figures --sweep SWEEP_DIR --x model.width  # barrier against a swept setting
+
+A run's figures read its ``curves.csv`` and ``results.json``; a sweep's figure reads every finished
+job's ``results.json`` (the jobs :mod:`lmc.collect` lists), takes the swept setting ``--x`` from the
+job's resolved config and plots the barriers of every method, mean ± std over the jobs sharing an
+``--x`` value (e.g. several seed pairs), to ``SWEEP_DIR/barrier_vs_<x>.png``.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +15,48 @@ import argparse
 import sys
 from pathlib import Path
 
-from lmc.plotting import plot_run
+from lmc.collect import collect
+from lmc.plotting import plot_run, plot_sweep
 from lmc.results import read_curves, read_results
 
+__all__ = ["main", "sweep_points"]
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmc.figures", description=__doc__)
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories holding results.json and curves.csv")
-    args = parser.parse_args(argv)
+_MISSING = object()
+
+
+def _select(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def sweep_points(sweep_dir: str | Path, x: str) -> list[dict]:
+    """``{x, method, split, loss, error}`` for every finished job of a sweep and every barrier it holds.
+
+    ``x`` is a dotted config key (``model.width``, ``spawn.step``, ``align.method``, ``seeds``...); a
+    job whose config lacks it raises ``KeyError`` naming the key and the job."""
+    sweep_dir = Path(sweep_dir)
+    points = []
+    for row in collect(sweep_dir):
+        if row["status"] != "ok":
+            continue
+        results = read_results(sweep_dir / row["job"])
+        value = _select(results.get("config", {}), x)
+        if value is _MISSING:
+            raise KeyError(f"job {row['job']} has no setting '{x}' in its config")
+        value = str(value) if isinstance(value, (list, dict)) else value
+        for method, per_split in results["barriers"].items():
+            for split, b in per_split.items():
+                points.append({"x": value, "method": method, "split": split, "loss": b["loss"], "error": b["error"]})
+    return points
+
+
+def _runs(run_dirs: list[Path]) -> int:
     status = 0
-    for run_dir in args.run_dirs:
+    for run_dir in run_dirs:
         missing = [f for f in ("results.json", "curves.csv") if not (run_dir / f).is_file()]
         if missing:
             print(f"error: {run_dir} is not a run directory (missing {', '.join(missing)})", file=sys.stderr)
@@ -23,6 +64,41 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for path in plot_run(run_dir, read_results(run_dir), read_curves(run_dir)):
             print(path)
+    return status
+
+
+def _sweep(sweep_dir: Path, x: str, split: str) -> int:
+    if not sweep_dir.is_dir():
+        print(f"error: sweep directory '{sweep_dir}' does not exist", file=sys.stderr)
+        return 2
+    try:
+        points = sweep_points(sweep_dir, x)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}; pass --x as a dotted key of the jobs' config, e.g. model.width",
+              file=sys.stderr)
+        return 2
+    if not any(p["split"] == split for p in points):
+        print(f"error: no finished job with '{split}' barriers under '{sweep_dir}'", file=sys.stderr)
+        return 2
+    print(plot_sweep(points, x, sweep_dir / f"barrier_vs_{x}.png", split=split, title=sweep_dir.name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmc.figures", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("run_dirs", nargs="*", type=Path, help="run directories holding results.json and curves.csv")
+    parser.add_argument("--sweep", type=Path, help="a multirun folder: plot barriers against --x")
+    parser.add_argument("--x", help="the swept setting, a dotted config key (with --sweep)")
+    parser.add_argument("--split", default="test", choices=("train", "test"), help="split of the barriers (--sweep)")
+    args = parser.parse_args(argv)
+    if args.sweep is None and not args.run_dirs:
+        parser.error("give run directories, or --sweep SWEEP_DIR --x KEY")
+    if args.sweep is not None and not args.x:
+        parser.error("--sweep needs --x, the swept setting (e.g. --x model.width)")
+    status = _runs(args.run_dirs)
+    if args.sweep is not None:
+        status = max(status, _sweep(args.sweep, args.x, args.split))
     return status
 
 

@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lmc.barriers import curve  # noqa: E402
 
-__all__ = ["plot_curves", "plot_layerwise", "plot_run"]
+__all__ = ["plot_curves", "plot_layerwise", "plot_run", "plot_sweep"]
 
 
 def _methods(rows, layered: bool) -> list[str]:
@@ -84,3 +85,41 @@ def plot_run(run_dir: str | os.PathLike, results: Mapping, rows: list[Mapping]) 
     if results.get("layerwise"):
         paths.append(plot_layerwise(results["layerwise"], run_dir / "layerwise.png", title=title))
     return paths
+
+
+def plot_sweep(points: list[Mapping], x: str, path: str | os.PathLike, split: str = "test", title: str = "") -> Path:
+    """Barrier (loss and error) against a swept setting ``x``: one line per method, mean ± std over the
+    jobs sharing an ``x`` value (e.g. seed pairs). ``points`` are ``{x, method, split, loss, error}``."""
+    points = [p for p in points if p["split"] == split]
+    xs = list(dict.fromkeys(p["x"] for p in points))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs)
+    xs = sorted(xs) if numeric else xs
+    pos = {v: (v if numeric else i) for i, v in enumerate(xs)}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, method in enumerate(dict.fromkeys(p["method"] for p in points)):
+        for ax, metric in zip(axes, ("loss", "error")):
+            stats = []
+            for v in xs:
+                vals = [p[metric] for p in points if p["method"] == method and p["x"] == v]
+                if vals:
+                    stats.append((pos[v], float(np.mean(vals)), float(np.std(vals)), len(vals)))
+            if stats:
+                px, mean, std, _ = zip(*stats)
+                ax.errorbar(px, mean, yerr=std, color=f"C{i}", marker="o", capsize=3, label=method)
+    for ax, metric in zip(axes, ("loss", "error")):
+        if numeric and len(xs) > 1 and min(xs) >= 0 and max(xs) >= 8 * max(min(v for v in xs if v > 0), 1e-12):
+            ax.set_xscale("symlog" if min(xs) == 0 else "log")
+        if not numeric:
+            ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=30, ha="right")
+        ax.set_xlabel(x)
+        ax.set_ylabel(f"{metric} barrier ({split})")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

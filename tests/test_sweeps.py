@@ -51,7 +51,28 @@ def test_basic_launcher_sweep_survives_a_failed_job(tmp_path, data_root):
     assert proc.returncode == 1  # the sweep reports its failed job at the end
     assert "error: model.width must be a positive integer, got 0" in proc.stderr
     assert f"error: 1 job(s) failed: {sweep_dir / '1'}" in proc.stderr
-    check_four_jobs_one_failed(sweep_dir, tmp_path)
+    rows = check_four_jobs_one_failed(sweep_dir, tmp_path)
+    check_sweep_figure(sweep_dir, rows)
+
+
+def check_sweep_figure(sweep_dir, rows):
+    """The barrier-vs-width figure is rebuilt from the jobs' results.json alone; failed jobs are left out."""
+    from lmc.figures import sweep_points
+
+    points = sweep_points(sweep_dir, "model.width")
+    ok = {int(r["overrides"].split("model.width=")[1].split()[0]): r for r in rows if r["status"] == "ok"}
+    assert sorted({p["x"] for p in points}) == sorted(ok) == [8, 16, 24]
+    for p in points:
+        assert p["loss"] == pytest.approx(float(ok[p["x"]][f"barrier/{p['method']}/{p['split']}/loss"]), rel=1e-12)
+    assert {p["method"] for p in points} == {"naive", "weight_matching"}
+    proc = subprocess.run([sys.executable, "-m", "lmc.figures", "--sweep", str(sweep_dir), "--x", "model.width"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (sweep_dir / "barrier_vs_model.width.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "lmc.figures", "--sweep", str(sweep_dir), "--x", "model.colour"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "has no setting 'model.colour'" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0
 
 
 def test_local_cluster_sweep_survives_a_failed_job(tmp_path, data_root):
@@ -76,9 +97,11 @@ def test_width_sweep_sweeps_only_the_width(tmp_path, data_root):
     assert widths == [4, 12]
 
 
-@pytest.mark.parametrize("sweep,key,values", [("align_method", "align", "none,weight_matching"),
-                                              ("spawn_step", "spawn.step", "0,8,32,128,512"),
-                                              ("seeds", "seeds", "[0,1],[2,3],[4,5]")])
+@pytest.mark.parametrize("sweep,key,values", [
+    ("align_method", "align", "none,weight_matching,activation_matching,ste,sinkhorn"),
+    ("spawn_step", "spawn.step", "0,8,32,128,512"),
+    ("seeds", "seeds", "[0,1],[2,3],[4,5]"),
+])
 def test_sweep_presets(sweep, key, values):
     cfg = compose_cfg([f"sweep={sweep}"])
     assert cfg.hydra.mode.name == "MULTIRUN" and dict(cfg.hydra.sweeper.params) == {key: values}
