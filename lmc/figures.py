@@ -80,7 +80,8 @@ def _sweep(sweep_dir: Path, x: str, split: str) -> int:
     if not any(p["split"] == split for p in points):
         print(f"error: no finished job with '{split}' barriers under '{sweep_dir}'", file=sys.stderr)
         return 2
-    print(plot_sweep(points, x, sweep_dir / f"barrier_vs_{x}.png", split=split, title=sweep_dir.name))
+    title = f"barriers against {x}: {sweep_dir}"
+    print(plot_sweep(points, x, sweep_dir / f"barrier_vs_{x}.png", split=split, title=title))
     return 0
 
 

@@ -109,8 +109,9 @@ def plot_sweep(points: list[Mapping], x: str, path: str | os.PathLike, split: st
     for ax, metric in zip(axes, ("loss", "error")):
         if numeric and len(xs) > 1 and min(xs) >= 0 and max(xs) >= 8 * max(min(v for v in xs if v > 0), 1e-12):
             ax.set_xscale("symlog" if min(xs) == 0 else "log")
-        if not numeric:
-            ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=30, ha="right")
+        ax.set_xticks([pos[v] for v in xs], [f"{v:g}" if numeric else str(v) for v in xs],
+                      rotation=0 if numeric else 30, ha="center" if numeric else "right")
+        ax.minorticks_off()
         ax.set_xlabel(x)
         ax.set_ylabel(f"{metric} barrier ({split})")
         ax.axhline(0, color="k", lw=0.5)
