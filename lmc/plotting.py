@@ -25,6 +25,18 @@ def _methods(rows, layered: bool) -> list[str]:
     return seen
 
 
+def _save(fig, axes, path: str | os.PathLike, title: str) -> Path:
+    """Legend on the first panel, the title, then the PNG at ``path``; the figure is closed."""
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(rows: list[Mapping], path: str | os.PathLike, title: str = "") -> Path:
     """Loss and error along α for every method (colour) and split (solid train, dashed test)."""
     whole = [r for r in rows if not r["layer"]]
@@ -41,14 +53,7 @@ def plot_curves(rows: list[Mapping], path: str | os.PathLike, title: str = "") -
         ax.set_xlabel("α  (0 = model A, 1 = model B)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path, title)
 
 
 def plot_layerwise(layerwise: Mapping, path: str | os.PathLike, split: str = "test", title: str = "") -> Path:
@@ -67,14 +72,7 @@ def plot_layerwise(layerwise: Mapping, path: str | os.PathLike, split: str = "te
         ax.set_ylabel(f"layer-wise {metric} barrier ({split})")
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path, title)
 
 
 def plot_run(run_dir: str | os.PathLike, results: Mapping, rows: list[Mapping]) -> list[Path]:
@@ -116,11 +114,4 @@ def plot_sweep(points: list[Mapping], x: str, path: str | os.PathLike, split: st
         ax.set_ylabel(f"{metric} barrier ({split})")
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path, title)
