@@ -79,3 +79,31 @@ def test_missing_dataset_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: dataset cifar10 not found") and proc.stderr.count("\n") == 1
     assert "python -m lmc.data download cifar10" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_width_sweep_of_resnet_cifar_runs_through_hydra(fake_root, tmp_path):
+    """`python -m lmc.run -m sweep=width experiment=resnet_cifar` as typed, on the fabricated CIFAR-10 (the
+    md5 check is bypassed in the subprocess by a test-only sitecustomize), two tiny widths."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\nimport torchvision.datasets.cifar as cifar\n"
+        "cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)\n")
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmc.run", "-m", "sweep=width", "experiment=resnet_cifar", "model.width=1,2",
+         "model.base_channels=2", *TINY, "interp.layerwise=false", f"data.root={fake_root}",
+         f"store.root={tmp_path / 'store'}", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    results = [json.loads((sweep_dir / job / "results.json").read_text()) for job in "01"]
+    assert [r["experiment"] for r in results] == ["resnet_cifar"] * 2
+    assert [r["config"]["model"]["width"] for r in results] == [1, 2]
+    assert all(r["config"]["data"]["name"] == "cifar10" and r["config"]["model"]["name"] == "resnet20" for r in results)
+    for r in results:
+        for tag in "ab":
+            assert 0 <= r["endpoints"][tag]["test"]["acc"] <= 1 and r["endpoints"][tag]["test"]["loss"] > 0
