@@ -38,7 +38,8 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for the forward pass (CUDA only; ignored on CPU)
     channels_last: bool = False  # channels-last memory format for 4-D inputs and weights (CUDA only)
     compile: bool = False  # torch.compile the model for the training steps
-    concurrent_pair: bool = False  # train both models of a pair at once (two threads, one CUDA stream each)
+    concurrent_pair: bool = False  # train both models of a pair at once (two threads, one CUDA stream each);
+    # bitwise equal to sequential training unless the forward pass draws global random numbers (dropout)
     checkpoint_every: int = 1  # epochs between training checkpoints (run store only; not part of the model hash)
     keep_checkpoints: Sequence = ()  # epochs (3 or "3ep") or steps ("100st") whose checkpoints are kept
 
