@@ -90,22 +90,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             spec = permutation_spec(model_a, data.x_train[:2])
             sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
             candidates, diagnostics, pairwise = {"naive": (sd_b, None)}, {}, {}
+            params = [dict(m.named_parameters()) for m in (model_a, model_b)]
+
+            def with_diagnostics(perm):
+                return perm, alignment_diagnostics(spec, *params, perm)
+
             if merge != "none":  # several models, all aligned into A's frame; barriers between every two
                 perms = align_many(cfg.align.method, merge, spec, models, data, cfg.align)
                 sds = [m.state_dict() for m in models]
                 aligned = [apply_permutation(spec, p, sd) for p, sd in zip(perms, sds)]
                 pairwise = {name: pairwise_barriers(model_a, group, alphas, splits, seeds, batch_size=eval_batch)
                             for name, group in (("naive", sds), (cfg.align.method, aligned))}
-                perm, perm_hash = perms[1], None
-            elif cfg.align.method != "none":
-                perm, perm_hash, reused["align"] = store.alignment(
+                (perm, diagnostic), perm_hash = with_diagnostics(perms[1]), None
+            elif cfg.align.method != "none":  # the permutation and its diagnostics, from the store or computed
+                (perm, diagnostic), perm_hash, reused["align"] = store.alignment(
                     {"align": OmegaConf.to_container(cfg.align, resolve=True), "a": hashes["a"], "b": hashes["b"]},
-                    lambda: align(cfg.align.method, spec, model_a, model_b, data, cfg.align))
+                    lambda: with_diagnostics(align(cfg.align.method, spec, model_a, model_b, data, cfg.align)))
                 hashes["align"] = perm_hash
             if cfg.align.method != "none":
                 candidates[cfg.align.method] = (apply_permutation(spec, perm, sd_b), perm_hash)
-                params = [dict(m.named_parameters()) for m in (model_a, model_b)]
-                diagnostics[cfg.align.method] = alignment_diagnostics(spec, *params, perm)
+                diagnostics[cfg.align.method] = diagnostic
 
         with timings("interpolate"):
             norm = {"reset_bn": resolve_reset_bn(cfg.interp.reset_bn, model_a), "repair": bool(cfg.interp.repair)}

@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +236,12 @@ class Store:
         _atomic_write(path / "meta.json", json.dumps({"hash": h, "settings": settings}, indent=2, default=str) + "\n")
         return value, h, False
 
-    def alignment(self, settings: Mapping, compute: Callable[[], Any]) -> tuple[Any, str, bool]:
-        """A permutation (dict of index tensors) stored as ``alignments/<hash>/perm.pt``."""
+    def alignment(self, settings: Mapping, compute: Callable[[], tuple[Any, dict]]) -> tuple[Any, str, bool]:
+        """``(permutation, diagnostics)`` (``compute()``'s pair: a dict of index tensors and a dict of
+        numbers) stored as ``alignments/<hash>/perm.pt``."""
         return self.cached("alignments", settings, compute,
-                           lambda p, perm: save_atomic(p / "perm.pt", {"perm": perm}),
-                           lambda p: load_verified(p / "perm.pt")["perm"])
+                           lambda p, value: save_atomic(p / "perm.pt", dict(zip(("perm", "diagnostics"), value))),
+                           lambda p: itemgetter("perm", "diagnostics")(load_verified(p / "perm.pt")))
 
     def curves(self, settings: Mapping, compute: Callable[[], list[dict]]) -> tuple[list[dict], str, bool]:
         """Curve rows stored as ``curves/<hash>/curves.csv``."""
