@@ -26,6 +26,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from lmc.errors import ConfigError
+from lmc.normalization import has_batchnorm
 from lmc.permutation.apply import Permutation, apply_permutation
 from lmc.permutation.soft import apply_soft_permutation, sinkhorn_normalize
 from lmc.permutation.spec import PermutationSpec
@@ -39,10 +40,6 @@ SINKHORN_INITS = ("random", "weight_matching")
 
 def _loss(model: nn.Module, state: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(functional_call(model, state, (x,)), y)
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _midpoint(sd_a: dict, sd_b: dict, buffers: set[str]) -> dict:
@@ -83,7 +80,7 @@ def ste(
     b_params = {k: sd_b[k] for k in names}
     buffers = {k for k, _ in model.named_buffers()}
     was = model.training
-    model.train(_has_batchnorm(model))
+    model.train(has_batchnorm(model))
     perm = None
     try:
         for step in range(steps):
@@ -147,7 +144,7 @@ def sinkhorn_rebasin(
     floats_b = {k: v for k, v in sd_b.items() if v.is_floating_point()}
     buffers = {k for k, _ in model.named_buffers()}
     was = model.training
-    model.train(_has_batchnorm(model))
+    model.train(has_batchnorm(model))
     try:
         for step in range(steps):
             t = step / max(1, steps - 1)
