@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lmc.errors import CorruptCheckpoint
-from lmc.results import _atomic_write
+from lmc.results import atomic_write
 
 __all__ = ["CheckpointDir", "load_verified", "save_atomic"]
 
@@ -28,7 +28,7 @@ def save_atomic(path: str | os.PathLike, obj: Any) -> str:
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
-    _atomic_write(Path(path), data)
+    atomic_write(Path(path), data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -79,8 +79,8 @@ class CheckpointDir:
         path = self.file(step)
         sha = save_atomic(path, state)
         if keep:
-            _atomic_write(self.kept_registry, json.dumps({**self._kept_names(), path.name: sha}, indent=1) + "\n")
-        _atomic_write(self.pointer, json.dumps({"step": step, "file": path.name, "sha256": sha}) + "\n")
+            atomic_write(self.kept_registry, json.dumps({**self._kept_names(), path.name: sha}, indent=1) + "\n")
+        atomic_write(self.pointer, json.dumps({"step": step, "file": path.name, "sha256": sha}) + "\n")
         if previous and previous["file"] != path.name and previous["file"] not in self._kept_names():
             (self.path / previous["file"]).unlink(missing_ok=True)
         return path

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmc.results import _atomic_write
+from lmc.results import atomic_write
 from lmc.tracking import flatten
 
 __all__ = ["collect", "job_row", "main"]
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no jobs under '{args.sweep_dir}' (no */.hydra/overrides.yaml)", file=sys.stderr)
         return 2
     out = args.output or args.sweep_dir / "results.csv"
-    _atomic_write(out, to_csv(rows))
+    atomic_write(out, to_csv(rows))
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} jobs ({len(rows) - len(failed)} ok, {len(failed)} failed) -> {out}")
     for r in failed:

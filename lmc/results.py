@@ -4,31 +4,33 @@ terminal summary. Figures and notebooks read only these files."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["CURVE_COLUMNS", "read_curves", "read_results", "summary_table", "write_curves", "write_results"]
+__all__ = ["CURVE_COLUMNS", "atomic_write", "read_curves", "read_results", "summary_table", "write_curves",
+           "write_results"]
 
 CURVE_COLUMNS = ("method", "layer", "split", "alpha", "loss", "acc")
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``: readers see the
     old file or the new one, never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if isinstance(data, bytes):
         tmp.write_bytes(data)
     else:
-        tmp.write_text(data)
+        tmp.write_text(data, newline="")  # written as given (csv's line endings stay as csv makes them)
     os.replace(tmp, path)
 
 
 def write_results(run_dir: str | os.PathLike, results: Mapping) -> Path:
     path = Path(run_dir) / "results.json"
-    _atomic_write(path, json.dumps(results, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    atomic_write(path, json.dumps(results, indent=2, sort_keys=False, default=_jsonable) + "\n")
     return path
 
 
@@ -44,13 +46,12 @@ def read_results(run_dir: str | os.PathLike) -> dict:
 
 def write_curves(run_dir: str | os.PathLike, rows: list[Mapping]) -> Path:
     path = Path(run_dir) / "curves.csv"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CURVE_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (repr(float(r[k])) if k in ("alpha", "loss", "acc") else r[k]) for k in CURVE_COLUMNS})
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (repr(float(r[k])) if k in ("alpha", "loss", "acc") else r[k]) for k in CURVE_COLUMNS})
+    atomic_write(path, buf.getvalue())
     return path
 
 

@@ -39,7 +39,7 @@ from lmc.models import build_model
 from lmc.normalization import check_reset_bn, corrections, resolve_reset_bn, stat_batches
 from lmc.permutation import apply_permutation, pairwise_barriers, permutation_spec
 from lmc.plotting import plot_run
-from lmc.results import _atomic_write, summary_table, write_curves, write_results
+from lmc.results import atomic_write, summary_table, write_curves, write_results
 from lmc.store import Store, StoredModel, model_settings
 from lmc.tracking import flatten, tracker
 from lmc.training import TrainConfig, TrainingDiverged, concurrently, evaluate
@@ -260,7 +260,7 @@ def main(cfg: DictConfig) -> dict | None:
     except Exception as exc:
         user_fault = isinstance(exc, (ConfigError, StoreError, TrainingDiverged))
         message = f"error: {exc}" if user_fault else f"error: {type(exc).__name__}: {exc}"
-        _atomic_write(run_dir / "error.txt", message + ("\n" if user_fault else "\n" + traceback.format_exc()))
+        atomic_write(run_dir / "error.txt", message + ("\n" if user_fault else "\n" + traceback.format_exc()))
         if not multirun and not user_fault:
             raise
         if not user_fault:

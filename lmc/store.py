@@ -37,7 +37,7 @@ from torch import nn
 from lmc.checkpoint import CheckpointDir, load_verified, save_atomic
 from lmc.data import Dataset
 from lmc.errors import ConfigError, CorruptCheckpoint, StoreError
-from lmc.results import _atomic_write, read_curves, write_curves
+from lmc.results import atomic_write, read_curves, write_curves
 from lmc.training import TrainConfig, seeded_init, train
 
 __all__ = ["ON_CORRUPT", "Store", "StoredModel", "model_settings", "settings_hash"]
@@ -167,7 +167,7 @@ class Store:
     def _train_model(self, settings, h, path, build, data, train_cfg, progress, stop_step, start) -> StoredModel:
         seeds = settings["seeds"]
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / "settings.json", json.dumps(settings, indent=2, default=str) + "\n")
+        atomic_write(path / "settings.json", json.dumps(settings, indent=2, default=str) + "\n")
         model = seeded_init(build, seeds["init"])
         checkpoints = CheckpointDir(path / "checkpoints")
         if checkpoints.latest_file() is not None:
@@ -180,7 +180,7 @@ class Store:
         sha = save_atomic(path / "model.pt", stored)
         meta = {"hash": h, "settings": settings, "sha256": sha, "history": history,
                 "train_seconds": time.perf_counter() - t0, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _atomic_write(path / "meta.json", json.dumps(meta, indent=2, default=str) + "\n")
+        atomic_write(path / "meta.json", json.dumps(meta, indent=2, default=str) + "\n")
         checkpoints.drop_latest()  # model.pt holds it now; kept checkpoints stay
         return StoredModel(model, h, path, False, history, final)
 
@@ -233,7 +233,7 @@ class Store:
         value = compute()
         path.mkdir(parents=True, exist_ok=True)
         write(path, value)
-        _atomic_write(path / "meta.json", json.dumps({"hash": h, "settings": settings}, indent=2, default=str) + "\n")
+        atomic_write(path / "meta.json", json.dumps({"hash": h, "settings": settings}, indent=2, default=str) + "\n")
         return value, h, False
 
     def alignment(self, settings: Mapping, compute: Callable[[], tuple[Any, dict]]) -> tuple[Any, str, bool]:
