@@ -5,6 +5,7 @@ import copy
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,7 +20,10 @@ from lmc.errors import ConfigError
 from lmc.interpolation import alpha_grid, sweep
 from lmc.models import build_model
 from lmc.permutation import (
+    AxisRef,
+    PermutationSpec,
     apply_permutation,
+    cost_matrices,
     invert_permutation,
     matching_objective,
     permutation_spec,
@@ -216,12 +220,18 @@ def _load_reference():
     return module.reference_weight_matching
 
 
+WM = importlib.import_module("lmc.permutation.weight_matching")
+
+
+@pytest.mark.parametrize("path", ["recomputed", "updated"])
 @pytest.mark.parametrize("name,shape,kw", [
     ("mlp", (40,), dict(width=32, depth=3)),
     ("resnet20", (3, 8, 8), dict(base_channels=4, norm="layernorm")),
     ("cnn1d", (40,), dict(width=16)),
 ])
-def test_fast_weight_matching_matches_the_reference_algorithm(name, shape, kw):
+def test_fast_weight_matching_matches_the_reference_algorithm(name, shape, kw, path, monkeypatch):
+    # both ways of keeping the cost matrices: recomputed per solve (small groups), updated over moved units
+    monkeypatch.setattr(WM, "_SMALL", 1 << 40 if path == "recomputed" else 0)
     a, b = (seeded_init(lambda: build_model(name, shape, 10, **kw), s) for s in (0, 1))
     spec = permutation_spec(a, torch.randn(2, *shape))
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
@@ -235,6 +245,67 @@ def test_fast_weight_matching_matches_the_reference_algorithm(name, shape, kw):
     # a local optimum: no single group can improve
     again = weight_matching(spec, pa, pb, init_perm=fast, seed=5)
     assert matching_objective(spec, again, pa, pb) == pytest.approx(obj, rel=1e-9)
+
+
+@pytest.mark.parametrize("path", ["recomputed", "updated"])
+def test_weight_matching_on_a_hand_written_spec_with_three_permuted_axes(path, monkeypatch):
+    """An entry permuted on three axes (its cost terms depend on two other groups each) and a flattened
+    one (a group acting on blocks): the result is the reference's, both ways of keeping costs."""
+    monkeypatch.setattr(WM, "_SMALL", 1 << 40 if path == "recomputed" else 0)
+    sizes = {"P": 6, "Q": 5, "R": 4}
+    spec = PermutationSpec(
+        perm_to_axes={"P": [AxisRef("t", 0), AxisRef("m", 1, block=3)],
+                      "Q": [AxisRef("t", 1), AxisRef("v", 0)],
+                      "R": [AxisRef("t", 2), AxisRef("m", 0)]},
+        sizes=sizes,
+        axes_to_perm={"t": ("P", "Q", "R"), "m": ("R", "P"), "v": ("Q",)},
+    )
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"t": (6, 5, 4), "m": (4, 18), "v": (5,)}
+    pa = {k: torch.randn(*s, generator=gen) for k, s in shapes.items()}
+    pb = {k: torch.randn(*s, generator=gen) for k, s in shapes.items()}
+    ref = _load_reference()(spec, pa, pb)
+    found = weight_matching(spec, pa, pb)
+    obj = matching_objective(spec, found, pa, pb)
+    assert obj >= matching_objective(spec, ref, pa, pb) - 1e-9 * abs(obj)
+    assert obj > matching_objective(spec, {g: torch.arange(n) for g, n in sizes.items()}, pa, pb)
+    # a permuted copy is recovered exactly
+    perm = random_permutation(spec, 3)
+    back = weight_matching(spec, pa, apply_permutation(spec, perm, pa))
+    assert all(torch.equal(back[g], invert_permutation(perm)[g]) for g in sizes)
+
+
+def test_exact_gain_and_warm_started_assignment():
+    """The float64 re-check of a move equals the cost matrices' difference; the LAP solved with
+    carried-over column prices finds the plain solver's optimum along a chain of changing costs, and
+    the prices become the LAP's duals."""
+    a, b = (seeded_init(lambda: build_model("resnet20", (3, 8, 8), 10, base_channels=4), s) for s in (0, 1))
+    spec = permutation_spec(a, torch.randn(2, 3, 8, 8))
+    pa = {k: v.detach() for k, v in a.named_parameters()}
+    pb = {k: v.detach() for k, v in b.named_parameters()}
+    perm = random_permutation(spec, 1)
+    costs = cost_matrices(spec, perm, pa, pb)
+    groups = WM._groups(spec, pa, pb, torch.float64)
+    for g, n in spec.sizes.items():
+        new = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        rows = torch.nonzero(new != perm[g]).flatten()
+        expected = float(costs[g][rows, new[rows]].sum() - costs[g][rows, perm[g][rows]].sum())
+        assert WM._exact_gain(groups[g], perm, rows, new, perm[g]) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    from scipy.optimize import linear_sum_assignment
+    rng = np.random.default_rng(0)
+    cost, prices = rng.standard_normal((60, 60)), None
+    for _ in range(20):
+        col, prices = WM._assign(cost, prices)
+        best = linear_sum_assignment(cost, maximize=True)[1]
+        assert cost[np.arange(60), col].sum() == pytest.approx(cost[np.arange(60), best].sum(), rel=1e-12)
+        assert sorted(col) == list(range(60)) and prices.max() == 0
+        cost = cost + 0.1 * rng.standard_normal((60, 60))
+    # on a fixed cost, the prices' relaxations converge to LAP duals: every row's assigned column is
+    # then its cheapest under the prices (complementary slackness)
+    for _ in range(70):
+        col, prices = WM._assign(cost, prices)
+    reduced = -cost - prices
+    assert np.allclose(reduced[np.arange(60), col], reduced.min(1), rtol=0, atol=1e-12)
 
 
 def test_align_to_reference_and_merge_many_on_permuted_copies():
