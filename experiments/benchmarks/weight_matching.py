@@ -1,10 +1,12 @@
 """Weight-matching speed: lmc against the reference algorithm and the `rebasin` package (PyPI).
 
-    python experiments/benchmarks/weight_matching.py [--quick] [--threads N] [--repeat N]
+    python experiments/benchmarks/weight_matching.py [--quick] [--threads N] [--repeat N] [--run DIR ...]
 
 For each model pair (MLP 3×512 trained briefly on MNIST-1D; VGG-16 and ResNet-20 ×1 / ×8 with
 independent random initialisations for CIFAR-10-shaped inputs — training them is beyond this CPU
-benchmark's budget) it times, in this one process and on the same state dicts:
+benchmark's budget; ``--run DIR`` takes instead the two trained endpoints of a finished
+``python -m lmc.run``, e.g. ``experiment=resnet_cifar``) it times, in this one process and on the
+same state dicts:
 
 * ``lmc``: :func:`lmc.weight_matching` (spec derived once beforehand, not timed);
 * ``reference``: :func:`reference_weight_matching` below, a plain re-implementation of
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,6 +94,22 @@ def _random_pair(name, shape, **kw):
     return models, torch.randn(2, *shape)
 
 
+def _run_pair(run_dir: Path):
+    """The trained endpoints of a finished run (its ``results.json`` config and ``checkpoints/``)."""
+    from lmc.checkpoint import load_verified
+    from lmc.data import from_options
+
+    cfg = json.loads((run_dir / "results.json").read_text())["config"]
+    data = from_options(cfg["data"])
+    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+    models = []
+    for name in ("model_a", "model_b"):
+        model = build_model(cfg["model"]["name"], data.input_shape, data.num_classes, **kwargs)
+        model.load_state_dict(load_verified(run_dir / "checkpoints" / f"{name}.pt")["model"])
+        models.append(model.eval())
+    return models, data.x_train[:2]
+
+
 def _params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -135,10 +155,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="best of at least this many timings per method (runs under 1 s are repeated for 1 s)")
     parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP")
+    parser.add_argument("--run", type=Path, nargs="+", metavar="DIR",
+                        help="instead: the trained endpoints of these finished runs (run directories)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    if args.quick:
+    if args.run:
+        for run_dir in args.run:
+            if not (run_dir / "results.json").is_file() or not (run_dir / "checkpoints").is_dir():
+                parser.error(f"--run {run_dir}: not a finished run directory (needs results.json and checkpoints/)")
+        cases = {f"run {d.name}"[:23]: (lambda d=d: _run_pair(d)) for d in args.run}
+    elif args.quick:
         cases = {
             "MLP 3x64 (random)": lambda: _random_pair("mlp", (40,), width=64, depth=3),
             "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),

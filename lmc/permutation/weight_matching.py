@@ -71,7 +71,7 @@ class _Term:
         a_k = self.a.index_select(axis, _expand(units, block).to(dev)).reshape(n, -1)
         b_new = self.b.index_select(axis, _expand(new[units], block).to(dev)).reshape(n, -1)
         b_old = self.b.index_select(axis, _expand(old[units], block).to(dev)).reshape(n, -1)
-        return (a_k @ (b_new - b_old).T).double().cpu()
+        return (a_k @ (b_new - b_old).T).cpu()  # added in place to a float64 cost
 
 
 @dataclass
@@ -105,7 +105,7 @@ class _Group:
             if not self.terms:
                 return self.fixed_cost
             bs = [_permuted_b(t, perm).reshape(n, -1) for t in self.terms]
-            return self.fixed_cost + (self.stacked_a @ (bs[0] if len(bs) == 1 else torch.cat(bs, 1)).T).double().cpu()
+            return self.fixed_cost + (self.stacked_a @ (bs[0] if len(bs) == 1 else torch.cat(bs, 1)).T).cpu()
         if self.cost is None:
             self.cost = self.fixed_cost.clone()
             for t in self.terms:
@@ -246,7 +246,7 @@ def weight_matching(
             if not len(rows):
                 continue
             gain = c[rows, col[rows]].sum() - c[rows, current[rows]].sum()
-            scale = max(1.0, float(np.abs(c).max()) * len(col))
+            scale = max(1.0, max(c.max(), -c.min()) * len(col))
             if gain <= 1e-5 * scale:  # within rounding of the kept costs: evaluate the move exactly
                 gain = _exact_gain(group, perm, torch.from_numpy(rows), torch.from_numpy(col), perm[g])
             if gain > 1e-12 * scale:
