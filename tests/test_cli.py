@@ -150,3 +150,30 @@ def test_three_seeds_merged_report_pairwise_barriers(tmp_path, data_root):
             assert pairs[method]["0-1"][split]["loss"] == pytest.approx(expected, abs=1e-6)
     # the pairs with C differ from the naive ones once aligned
     assert pairs["weight_matching"]["1-2"]["test"] != pairs["naive"]["1-2"]["test"]
+
+
+def test_weight_matching_benchmark_on_a_finished_run(tiny_run, tmp_path):
+    """``experiments/benchmarks/weight_matching.py --run DIR`` times lmc and the reference on the run's
+    trained endpoints; both reach the objective the run itself recorded for its alignment."""
+    from pathlib import Path
+
+    run_dir, _ = tiny_run
+    script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "weight_matching.py"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(script), "--run", str(run_dir)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        method, fields = line[24:35].strip(), line[35:].split()
+        if method in ("lmc", "reference"):
+            rows[method] = {"seconds": float(fields[0]), "ratio": float(fields[1]), "objective": float(fields[2])}
+    recorded = json.loads((run_dir / "results.json").read_text())["diagnostics"]["weight_matching"]
+    assert rows["lmc"]["objective"] == pytest.approx(recorded["objective_after"], rel=1e-5)
+    assert rows["reference"]["objective"] == pytest.approx(rows["lmc"]["objective"], rel=1e-9)
+    assert rows["lmc"]["objective"] > recorded["objective_before"]
+    assert rows["lmc"]["seconds"] > 0 and rows["reference"]["ratio"] > 0
+    assert "fastest alternative" in proc.stdout
+    bad = subprocess.run([sys.executable, str(script), "--run", str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and "not a finished run directory" in bad.stderr

@@ -130,22 +130,29 @@ def _time(fn, repeat: int, min_seconds: float = 1.0):
     return best, out
 
 
-def _rebasin(model_a, model_b, x, spec, pa):
+def _rebasin(model_a, model_b, x, spec, pa, repeat: int, min_seconds: float = 1.0):
+    """``rebasin``'s best time over at least ``repeat`` runs (or 1 s of runs), each on fresh copies with its
+    graph tracing untimed, and the highest objective any run reached: its group order is random and
+    unseeded, so time and objective vary from run to run; taking the best of each is in its favour."""
     try:
         from rebasin import PermutationCoordinateDescent
     except Exception as exc:  # noqa: BLE001 - report why it cannot run
         return None, None, f"import failed: {type(exc).__name__}: {exc}"[:120]
-    b = copy.deepcopy(model_b)
-    try:
-        pcd = PermutationCoordinateDescent(copy.deepcopy(model_a), b, x)
-        start = time.perf_counter()
-        pcd.calculate_permutations()
-        seconds = time.perf_counter() - start
-        pcd.apply_permutations()
-    except Exception as exc:  # noqa: BLE001 - report why it cannot run
-        return None, None, f"failed: {type(exc).__name__}: {exc}"[:120]
     ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
-    return seconds, _objective(spec, ident, pa, _params(b)), ""
+    best, objective, runs, total = float("inf"), float("-inf"), 0, 0.0
+    while runs < repeat or total < min_seconds:
+        b = copy.deepcopy(model_b)
+        try:
+            pcd = PermutationCoordinateDescent(copy.deepcopy(model_a), b, x)
+            start = time.perf_counter()
+            pcd.calculate_permutations()
+            seconds = time.perf_counter() - start
+            pcd.apply_permutations()
+        except Exception as exc:  # noqa: BLE001 - report why it cannot run
+            return None, None, f"failed: {type(exc).__name__}: {exc}"[:120]
+        best, runs, total = min(best, seconds), runs + 1, total + seconds
+        objective = max(objective, _objective(spec, ident, pa, _params(b)))
+    return best, objective, f"best time and best objective of {runs} runs"
 
 
 def main() -> None:
@@ -155,6 +162,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="best of at least this many timings per method (runs under 1 s are repeated for 1 s)")
     parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP")
+    parser.add_argument("--only", metavar="TEXT", help="only the model pairs whose label contains TEXT (e.g. MLP)")
     parser.add_argument("--run", type=Path, nargs="+", metavar="DIR",
                         help="instead: the trained endpoints of these finished runs (run directories)")
     args = parser.parse_args()
@@ -177,6 +185,10 @@ def main() -> None:
             "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),
             "ResNet-20 x8 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=8),
         }
+    if args.only:
+        cases = {label: make for label, make in cases.items() if args.only.lower() in label.lower()}
+        if not cases:
+            parser.error(f"--only {args.only!r} matches no model pair")
     header = f"{'model':<24}{'method':<11}{'seconds':>9}{'ratio':>8}{'objective':>16}{'Δobj vs lmc':>14}  note"
     print(header)
     print("-" * len(header))
@@ -189,23 +201,28 @@ def main() -> None:
         rows = [("lmc", t_lmc, obj_lmc, "")]
         t_ref, perm_ref = _time(lambda: reference_weight_matching(spec, pa, pb), args.repeat)  # noqa: B023
         rows.append(("reference", t_ref, _objective(spec, perm_ref, pa, pb), ""))
-        t_rb, obj_rb, note = _rebasin(model_a, model_b, x, spec, pa)
+        t_rb, obj_rb, note = _rebasin(model_a, model_b, x, spec, pa, args.repeat)
         rows.append(("rebasin", t_rb, obj_rb, note))
         for method, seconds, obj, note in rows:
             if seconds is None:
                 print(f"{label:<24}{method:<11}{'-':>9}{'-':>8}{'-':>16}{'-':>14}  {note}")
                 continue
-            print(f"{label:<24}{method:<11}{seconds:>9.3f}{seconds / t_lmc:>8.2f}{obj:>16.6g}"
+            print(f"{label:<24}{method:<11}{seconds:>9.4g}{seconds / t_lmc:>8.2f}{obj:>16.6g}"
                   f"{obj - obj_lmc:>+14.3g}  {note}")
         ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
         print(f"{'':<24}(objective before matching: {_objective(spec, ident, pa, pb):.6g}; "
               f"{len(spec.groups)} groups)")
-        # the issue's goal: lmc at least 2x faster than the fastest alternative, at an equal or higher objective
-        method, seconds, obj, _ = min((r for r in rows[1:] if r[1] is not None), key=lambda r: r[1])
+        # the goal: lmc at least 2x faster than the fastest alternative at an equal or higher objective;
+        # shown both among the alternatives reaching lmc's objective and among all of them
         tie = 1e-9 * abs(obj_lmc)
-        verdict = "equal" if abs(obj_lmc - obj) <= tie else ("higher" if obj_lmc > obj else "LOWER")
-        print(f"{'':<24}fastest alternative: {method}; lmc is {seconds / t_lmc:.2f}x faster, "
-              f"objective {verdict} ({obj_lmc - obj:+.3g})", flush=True)
+        ran = [r for r in rows[1:] if r[1] is not None]
+        for among, pool in (("reaching lmc's objective", [r for r in ran if r[2] >= obj_lmc - tie]), ("any", ran)):
+            if pool:
+                method, seconds, obj, _ = min(pool, key=lambda r: r[1])
+                verdict = "equal" if abs(obj_lmc - obj) <= tie else ("higher" if obj_lmc > obj else "LOWER")
+                print(f"{'':<24}fastest alternative ({among}): {method}; lmc is {seconds / t_lmc:.2f}x faster, "
+                      f"lmc's objective {verdict} ({obj_lmc - obj:+.3g})")
+        print(flush=True)
 
 
 if __name__ == "__main__":
