@@ -61,6 +61,7 @@ class _Term:
     cost: torch.Tensor | None = None  # this term's share of that cost (kept when recomputed in full)
 
     def full(self, perm: Permutation, n: int) -> torch.Tensor:
+        """Its share of the cost for ``perm``, computed in full (float64, on CPU)."""
         return (self.a.reshape(n, -1) @ _permuted_b(self, perm).reshape(n, -1).T).double().cpu()
 
     def update(self, old: torch.Tensor, new: torch.Tensor, n: int) -> torch.Tensor:
