@@ -276,9 +276,9 @@ def test_weight_matching_on_a_hand_written_spec_with_three_permuted_axes(path, m
 
 
 def test_exact_gain_and_warm_started_assignment():
-    """The float64 re-check of a move equals the cost matrices' difference; the LAP solved with
-    carried-over column prices finds the plain solver's optimum along a chain of changing costs, and
-    the prices become the LAP's duals."""
+    """The float64 re-check of a move equals the cost matrices' difference; the LAP solved on the
+    row- and column-reduced cost, with or without carried-over column prices, finds the plain solver's
+    optimum along a chain of changing costs, and the prices become the LAP's duals."""
     a, b = (seeded_init(lambda: build_model("resnet20", (3, 8, 8), 10, base_channels=4), s) for s in (0, 1))
     spec = permutation_spec(a, torch.randn(2, 3, 8, 8))
     pa = {k: v.detach() for k, v in a.named_parameters()}
@@ -295,15 +295,18 @@ def test_exact_gain_and_warm_started_assignment():
     rng = np.random.default_rng(0)
     cost, prices = rng.standard_normal((60, 60)), None
     for _ in range(20):
-        col, prices = WM._assign(cost, prices)
+        col, prices = WM._assign(cost, prices, relax=True)
+        cold, no_prices = WM._assign(cost)  # row- and column-reduced, no prices
         best = linear_sum_assignment(cost, maximize=True)[1]
-        assert cost[np.arange(60), col].sum() == pytest.approx(cost[np.arange(60), best].sum(), rel=1e-12)
-        assert sorted(col) == list(range(60)) and prices.max() == 0
+        for found in (col, cold):
+            assert cost[np.arange(60), found].sum() == pytest.approx(cost[np.arange(60), best].sum(), rel=1e-12)
+            assert sorted(found) == list(range(60))
+        assert prices.max() == 0 and no_prices is None
         cost = cost + 0.1 * rng.standard_normal((60, 60))
     # on a fixed cost, the prices' relaxations converge to LAP duals: every row's assigned column is
     # then its cheapest under the prices (complementary slackness)
     for _ in range(70):
-        col, prices = WM._assign(cost, prices)
+        col, prices = WM._assign(cost, prices, relax=True)
     reduced = -cost - prices
     assert np.allclose(reduced[np.arange(60), col], reduced.min(1), rtol=0, atol=1e-12)
 

@@ -177,3 +177,25 @@ def test_weight_matching_benchmark_on_a_finished_run(tiny_run, tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--run", str(tmp_path)], capture_output=True, text=True,
                          env=env, timeout=300)
     assert bad.returncode == 2 and "not a finished run directory" in bad.stderr
+
+
+def test_lap_solves_benchmark_times_the_recorded_assignments():
+    """``experiments/benchmarks/lap_solves.py`` replays the LAPs of one weight matching four ways; all
+    reach the same optimum (the script exits non-zero otherwise) and each line reports its ratio."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "lap_solves.py"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(script), "--only", "x1", "--repeat", "1"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line[24:40].strip(): line[40:].split() for line in proc.stdout.splitlines()
+            if line.startswith("ResNet-20 x1")}
+    assert set(rows) == {"plain", "prices", "reduced", "prices+reduced"}
+    assert rows["plain"][1] == "1.00x"
+    assert all(float(fields[0]) > 0 for fields in rows.values())
+    solves = {int(fields[2].rstrip(",")) for fields in rows.values()}
+    assert len(solves) == 1 and solves.pop() >= 12  # at least one solve per group of ResNet-20's 12
+    bad = subprocess.run([sys.executable, str(script), "--only", "nothing"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and "matches no model pair" in bad.stderr

@@ -1,0 +1,112 @@
+"""LAP solver seconds inside weight matching: what the row/column reduction and the carried prices buy.
+
+    python experiments/benchmarks/lap_solves.py [--only TEXT] [--repeat N] [--mlp-steps N]
+
+For each model pair of the weight-matching benchmark (``weight_matching.py`` beside this file), runs
+:func:`lmc.weight_matching` once with every group carrying column prices, records each cost matrix it
+hands to the LAP solver together with the prices carried into that solve, and then times
+:func:`scipy.optimize.linear_sum_assignment` on that same sequence of matrices, in this process, four
+ways:
+
+* ``plain``: the cost as it is (``maximize=True``), the baseline;
+* ``prices``: the cost minus the carried prices;
+* ``reduced``: the cost reduced by its row minima, then by its column minima;
+* ``prices+reduced``: both.
+
+All four have the same optimum (a constant per row or per column changes every assignment's total
+equally); the script checks that each reaches the same total as ``plain`` on every matrix. The matrices
+are solved one after another, as in a run, not each many times over: repeating one matrix lets the
+CPU learn its branches and understates the solver's time. ``lmc`` solves groups of at least
+``_WARM`` units with prices and all groups reduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from weight_matching import _mlp_pair, _params, _random_pair
+
+from lmc.permutation import permutation_spec, weight_matching
+
+WM = importlib.import_module("lmc.permutation.weight_matching")
+
+
+def _record(spec, pa, pb) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Every (cost, carried prices) lmc's weight matching solves, with prices carried by every group."""
+    solves, assign, warm = [], WM._assign, WM._WARM
+
+    def recording(cost, prices=None, relax=False):
+        solves.append((cost.copy(), None if prices is None else prices.copy()))
+        return assign(cost, prices, relax)
+
+    WM._assign, WM._WARM = recording, 0
+    try:
+        weight_matching(spec, pa, pb)
+    finally:
+        WM._assign, WM._WARM = assign, warm
+    return solves
+
+
+def _reduce(k: np.ndarray) -> np.ndarray:
+    k = k - k.min(1, keepdims=True)
+    return k - k.min(0)
+
+
+VARIANTS = {
+    "plain": lambda c, p: linear_sum_assignment(c, maximize=True)[1],
+    "prices": lambda c, p: linear_sum_assignment(-c if p is None else -c - p)[1],
+    "reduced": lambda c, p: linear_sum_assignment(_reduce(-c))[1],
+    "prices+reduced": lambda c, p: linear_sum_assignment(_reduce(-c if p is None else -c - p))[1],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", metavar="TEXT", help="only the model pairs whose label contains TEXT")
+    parser.add_argument("--repeat", type=int, default=5, help="best of this many passes over the matrices")
+    parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cases = {
+        f"MLP 3x512 ({args.mlp_steps} steps)": lambda: _mlp_pair(args.mlp_steps),
+        "VGG-16 (random)": lambda: _random_pair("vgg", (3, 32, 32), depth=16),
+        "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),
+        "ResNet-20 x8 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=8),
+    }
+    if args.only:
+        cases = {label: make for label, make in cases.items() if args.only.lower() in label.lower()}
+        if not cases:
+            parser.error(f"--only {args.only!r} matches no model pair")
+    print(f"{'model':<24}{'variant':<16}{'solver s':>10}{'vs plain':>10}  solves, sizes")
+    for label, make in cases.items():
+        (model_a, model_b), x = make()
+        spec = permutation_spec(model_a, x)
+        solves = _record(spec, _params(model_a), _params(model_b))
+        sizes = sorted({len(c) for c, _ in solves})
+        best = {}
+        for name, solve in VARIANTS.items():
+            seconds = float("inf")
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                cols = [solve(c, p) for c, p in solves]
+                seconds = min(seconds, time.perf_counter() - start)
+            best[name] = seconds
+            if name == "plain":
+                totals = [c[np.arange(len(c)), col].sum() for (c, _), col in zip(solves, cols)]
+            else:
+                for (c, _), col, total in zip(solves, cols, totals):
+                    if not np.isclose(c[np.arange(len(c)), col].sum(), total, rtol=1e-12, atol=0):
+                        raise SystemExit(f"{label}: {name} reached a different optimum than plain")
+        for name, seconds in best.items():
+            print(f"{label:<24}{name:<16}{seconds:>10.4g}{best['plain'] / seconds:>9.2f}x  "
+                  f"{len(solves)}, {sizes}")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
