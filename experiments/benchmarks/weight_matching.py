@@ -118,16 +118,22 @@ def _objective(spec, perm, pa, pb):
     return matching_objective(spec, perm, pa, pb)
 
 
-def _time(fn, repeat: int, min_seconds: float = 1.0):
-    """Best time of at least ``repeat`` runs, and of as many more as fit in ``min_seconds`` (so that
-    millisecond jobs are timed over hundreds of runs, not three)."""
-    best, out, runs, total = float("inf"), None, 0, 0.0
-    while runs < repeat or total < min_seconds:
-        start = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - start
-        best, runs, total = min(best, seconds), runs + 1, total + seconds
-    return best, out
+def _time(fns: dict, repeat: int, min_seconds: float = 1.0) -> dict:
+    """``{name: (best time, output)}``: the functions run in alternation, each at least ``repeat`` times
+    and for at least ``min_seconds`` in all (so that millisecond jobs are timed over hundreds of runs,
+    not three, and a slow spell of the machine hits every method alike)."""
+    best = {name: (float("inf"), None) for name in fns}
+    runs, total = 0, dict.fromkeys(fns, 0.0)
+    while runs < repeat or min(total.values()) < min_seconds:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out = fn()
+            seconds = time.perf_counter() - start
+            if seconds < best[name][0]:
+                best[name] = (seconds, out)
+            total[name] += seconds
+        runs += 1
+    return best
 
 
 def _rebasin(model_a, model_b, x, spec, pa, repeat: int, min_seconds: float = 1.0):
@@ -196,11 +202,11 @@ def main() -> None:
         (model_a, model_b), x = make()
         spec = permutation_spec(model_a, x)
         pa, pb = _params(model_a), _params(model_b)
-        t_lmc, perm = _time(lambda: weight_matching(spec, pa, pb), args.repeat)  # noqa: B023
+        timed = _time({"lmc": lambda: weight_matching(spec, pa, pb),  # noqa: B023
+                       "reference": lambda: reference_weight_matching(spec, pa, pb)}, args.repeat)  # noqa: B023
+        (t_lmc, perm), (t_ref, perm_ref) = timed["lmc"], timed["reference"]
         obj_lmc = _objective(spec, perm, pa, pb)
-        rows = [("lmc", t_lmc, obj_lmc, "")]
-        t_ref, perm_ref = _time(lambda: reference_weight_matching(spec, pa, pb), args.repeat)  # noqa: B023
-        rows.append(("reference", t_ref, _objective(spec, perm_ref, pa, pb), ""))
+        rows = [("lmc", t_lmc, obj_lmc, ""), ("reference", t_ref, _objective(spec, perm_ref, pa, pb), "")]
         t_rb, obj_rb, note = _rebasin(model_a, model_b, x, spec, pa, args.repeat)
         rows.append(("rebasin", t_rb, obj_rb, note))
         for method, seconds, obj, note in rows:
