@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from weight_matching import _mlp_pair, _params, _random_pair
+from weight_matching import _params, model_pairs, only
 
 from lmc.permutation import permutation_spec, weight_matching
 
@@ -72,16 +72,7 @@ def main() -> None:
     parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cases = {
-        f"MLP 3x512 ({args.mlp_steps} steps)": lambda: _mlp_pair(args.mlp_steps),
-        "VGG-16 (random)": lambda: _random_pair("vgg", (3, 32, 32), depth=16),
-        "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),
-        "ResNet-20 x8 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=8),
-    }
-    if args.only:
-        cases = {label: make for label, make in cases.items() if args.only.lower() in label.lower()}
-        if not cases:
-            parser.error(f"--only {args.only!r} matches no model pair")
+    cases = only(model_pairs(args.mlp_steps), args.only, parser)
     print(f"{'model':<24}{'variant':<16}{'solver s':>10}{'vs plain':>10}  solves, sizes")
     for label, make in cases.items():
         (model_a, model_b), x = make()

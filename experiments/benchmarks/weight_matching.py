@@ -110,6 +110,26 @@ def _run_pair(run_dir: Path):
     return models, data.x_train[:2]
 
 
+def model_pairs(mlp_steps: int) -> dict:
+    """The benchmark's model pairs: label -> function returning ``((model_a, model_b), example input)``."""
+    return {
+        f"MLP 3x512 ({mlp_steps} steps)": lambda: _mlp_pair(mlp_steps),
+        "VGG-16 (random)": lambda: _random_pair("vgg", (3, 32, 32), depth=16),
+        "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),
+        "ResNet-20 x8 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=8),
+    }
+
+
+def only(cases: dict, text: str | None, parser: argparse.ArgumentParser) -> dict:
+    """The pairs whose label contains ``text`` (all if it is None); a parser error if there are none."""
+    if text is None:
+        return cases
+    cases = {label: make for label, make in cases.items() if text.lower() in label.lower()}
+    if not cases:
+        parser.error(f"--only {text!r} matches no model pair")
+    return cases
+
+
 def _params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -185,16 +205,8 @@ def main() -> None:
             "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),
         }
     else:
-        cases = {
-            f"MLP 3x512 ({args.mlp_steps} steps)": lambda: _mlp_pair(args.mlp_steps),
-            "VGG-16 (random)": lambda: _random_pair("vgg", (3, 32, 32), depth=16),
-            "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),
-            "ResNet-20 x8 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=8),
-        }
-    if args.only:
-        cases = {label: make for label, make in cases.items() if args.only.lower() in label.lower()}
-        if not cases:
-            parser.error(f"--only {args.only!r} matches no model pair")
+        cases = model_pairs(args.mlp_steps)
+    cases = only(cases, args.only, parser)
     header = f"{'model':<24}{'method':<11}{'seconds':>9}{'ratio':>8}{'objective':>16}{'Δobj vs lmc':>14}  note"
     print(header)
     print("-" * len(header))
