@@ -52,6 +52,21 @@ def _midpoint(sd_a: dict, sd_b: dict, buffers: set[str]) -> dict:
     return out
 
 
+def _descend(model: nn.Module, opt: torch.optim.Optimizer, steps: int, step_loss) -> None:
+    """``steps`` optimiser steps on ``step_loss(step)``, with ``model`` in train mode only if it has
+    BatchNorm (batch statistics) and its mode restored afterwards."""
+    was = model.training
+    model.train(has_batchnorm(model))
+    try:
+        for step in range(steps):
+            loss = step_loss(step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        model.train(was)
+
+
 def _check(steps: int, lr: float) -> None:
     if steps < 1:
         raise ConfigError(f"align.steps must be a positive integer, got {steps}")
@@ -79,22 +94,18 @@ def ste(
     opt = torch.optim.Adam(free.values(), lr=lr)
     b_params = {k: sd_b[k] for k in names}
     buffers = {k for k, _ in model.named_buffers()}
-    was = model.training
-    model.train(has_batchnorm(model))
     perm = None
-    try:
-        for step in range(steps):
-            perm = weight_matching(spec, {k: v.detach() for k, v in free.items()}, b_params, max_iter=wm_max_iter,
-                                   seed=seed + step, init_perm=perm)
-            proj = apply_permutation(spec, perm, sd_b)
-            b_st = {**proj, **{k: free[k] + (proj[k] - free[k]).detach() for k in names}}
-            x, y = next(batches)
-            loss = _loss(model, _midpoint(sd_a, b_st, buffers), x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        model.train(was)
+
+    def step_loss(step: int) -> torch.Tensor:
+        nonlocal perm
+        perm = weight_matching(spec, {k: v.detach() for k, v in free.items()}, b_params, max_iter=wm_max_iter,
+                               seed=seed + step, init_perm=perm)
+        proj = apply_permutation(spec, perm, sd_b)
+        b_st = {**proj, **{k: free[k] + (proj[k] - free[k]).detach() for k in names}}
+        x, y = next(batches)
+        return _loss(model, _midpoint(sd_a, b_st, buffers), x, y)
+
+    _descend(model, opt, steps, step_loss)
     return weight_matching(spec, {k: v.detach() for k, v in free.items()}, b_params, max_iter=wm_max_iter,
                            seed=seed + steps, init_perm=perm)
 
@@ -143,24 +154,17 @@ def sinkhorn_rebasin(
     permuted_keys = [k for k in sd_a if any(spec.axes_to_perm.get(k, ()))]
     floats_b = {k: v for k, v in sd_b.items() if v.is_floating_point()}
     buffers = {k for k, _ in model.named_buffers()}
-    was = model.training
-    model.train(has_batchnorm(model))
-    try:
-        for step in range(steps):
-            t = step / max(1, steps - 1)
-            tau = tau_start * (tau_end / tau_start) ** t
-            mats = {g: sinkhorn_normalize(logit / tau, sinkhorn_iters) for g, logit in logits.items()}
-            soft_b = {**sd_b, **apply_soft_permutation(spec, mats, floats_b)}
-            if objective == "weight_distance":
-                loss = sum(((sd_a[k] - soft_b[k]) ** 2).sum() for k in permuted_keys)
-            else:
-                x, y = next(batches)
-                loss = _loss(model, _midpoint(sd_a, soft_b, buffers), x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        model.train(was)
+
+    def step_loss(step: int) -> torch.Tensor:
+        tau = tau_start * (tau_end / tau_start) ** (step / max(1, steps - 1))
+        mats = {g: sinkhorn_normalize(logit / tau, sinkhorn_iters) for g, logit in logits.items()}
+        soft_b = {**sd_b, **apply_soft_permutation(spec, mats, floats_b)}
+        if objective == "weight_distance":
+            return sum(((sd_a[k] - soft_b[k]) ** 2).sum() for k in permuted_keys)
+        x, y = next(batches)
+        return _loss(model, _midpoint(sd_a, soft_b, buffers), x, y)
+
+    _descend(model, opt, steps, step_loss)
     perm = {}
     for g, logit in logits.items():
         _, col = linear_sum_assignment(logit.detach().double().cpu().numpy(), maximize=True)
