@@ -7,14 +7,15 @@ permutation matrix, so the best one is a linear assignment problem (LAP,
 
 The algorithm is the reference's; the work is organised to avoid repeating it:
 
-* every state-dict entry a group acts on is reshaped once with the group's axis first; entries no
-  other group permutes (biases, norm weights, the first layer's inputs) are multiplied once, into a
-  fixed part of the group's cost;
+* every state-dict entry a group acts on is reshaped once with the group's axis first;
 * a group's ``(n, n)`` cost is computed when it is first solved (float32 matmuls by default,
   accumulated in float64) and afterwards only where other groups moved: an entry whose other axis's
   permutation changed at units K gets ``ΔC = A_K (B_new_K − B_old_K)ᵀ``, a matmul over K alone, so
-  late passes, which move few units, cost little. A small group, where this bookkeeping would cost
-  more than the arithmetic, is recomputed as one matmul of its stacked entries;
+  late passes, which move few units, cost little (where most units moved, an entry of a group of up
+  to ``_KEEP`` units whose share of the cost is known is recomputed instead, which is cheaper).
+  Entries no other group permutes (biases, norm weights, the first layer's inputs) are multiplied
+  once, into a fixed part of the cost. A small group, where this bookkeeping would cost more than the
+  arithmetic, is recomputed as one matmul of all its entries stacked, the fixed ones included;
 * every LAP is solved on its cost reduced by the row minima and then by the column minima: the same
   optimal assignment, since a constant per row or per column changes every assignment's total
   equally, but scipy's shortest-augmenting-path solver then assigns many rows at once (it is 1.09×
@@ -63,17 +64,16 @@ class _Term:
     b: torch.Tensor  # (n, *rest): the same for B
     others: list[tuple[int, str, int]]  # (axis in a/b, group, block) of the other permuted axes
     used: list[torch.Tensor] | None = None  # the other groups' permutations the group's cost reflects
-    cost: torch.Tensor | None = None  # this term's share of that cost (kept when recomputed in full)
+    cost: torch.Tensor | None = None  # this term's share of that cost, while known (see _Group.current_cost)
 
     def full(self, perm: Permutation, n: int) -> torch.Tensor:
         """Its share of the cost for ``perm``, computed in full (float64, on CPU)."""
         return (self.a.reshape(n, -1) @ _permuted_b(self, perm).reshape(n, -1).T).double().cpu()
 
-    def update(self, old: torch.Tensor, new: torch.Tensor, n: int) -> torch.Tensor:
+    def update(self, old: torch.Tensor, new: torch.Tensor, units: torch.Tensor, n: int) -> torch.Tensor:
         """The change of its share when its one other axis's permutation goes from ``old`` to ``new``:
         ``A_K (B_new_K − B_old_K)ᵀ`` over the units K where they differ."""
         (axis, _, block), dev = self.others[0], self.b.device
-        units = torch.nonzero(old != new).flatten()
         a_k = self.a.index_select(axis, _expand(units, block).to(dev)).reshape(n, -1)
         b_new = self.b.index_select(axis, _expand(new[units], block).to(dev)).reshape(n, -1)
         b_old = self.b.index_select(axis, _expand(old[units], block).to(dev)).reshape(n, -1)
@@ -89,44 +89,49 @@ class _Group:
     terms: list[_Term]
     deps: list[str]  # the other groups its cost depends on
     fixed_cost: torch.Tensor | None = None  # (n, n) float64 on CPU: the fixed entries' share
-    small: bool = False  # recomputed in one matmul each time (bookkeeping would cost more)
-    stacked_a: torch.Tensor | None = None  # a small group's terms' A side by side, (n, M)
+    small: bool | None = None  # recomputed in one matmul each time (bookkeeping would cost more)
+    stacked_a: torch.Tensor | None = None  # a small group's A, terms then fixed entries side by side: (n, M)
+    fixed_b: list[torch.Tensor] | None = None  # a small group's fixed B entries side by side (none or one)
     cost: torch.Tensor | None = None  # a large group's (n, n) cost, kept up to date (float64, CPU)
 
     def current_cost(self, perm: Permutation) -> torch.Tensor:
-        """The cost for ``perm``. The fixed entries are multiplied once. A small group's terms are then
-        recomputed as one matmul of their stacked entries; a large group's are computed in full on first
-        use and afterwards only where other groups moved: a term with one other permuted axis is updated
-        over the moved units, one with several is recomputed."""
+        """The cost for ``perm``. A small group's cost is recomputed as one matmul of its stacked entries,
+        the fixed ones included. A large group's fixed entries are multiplied once, and its terms computed
+        in full on first use and afterwards only where other groups moved: a term with one other permuted
+        axis is updated over the moved units, unless more than ``_PART`` of them moved and its share of
+        the cost is known (kept from its last full computation in groups of up to ``_KEEP`` units, where
+        it costs little memory), in which case it is recomputed; a term with several is recomputed."""
         n = self.n
-        if self.fixed_cost is None:
-            self.fixed_cost = torch.zeros(n, n, dtype=torch.float64)
-            if self.fixed:
-                a, b = (torch.cat(x, 1) for x in zip(*self.fixed))
-                self.fixed_cost += (a @ b.T).double().cpu()
+        if self.small is None:
             self.small = sum(t.a.numel() for t in self.terms) * n <= _SMALL
-            if self.small and self.terms:
-                self.stacked_a = torch.cat([t.a.reshape(n, -1) for t in self.terms], 1)
+            if self.small:  # the fixed entries go last, as columns that are never permuted
+                self.stacked_a = torch.cat([t.a.reshape(n, -1) for t in self.terms] + [a for a, _ in self.fixed], 1)
+                self.fixed_b = [torch.cat([b for _, b in self.fixed], 1)] if self.fixed else []
+            else:
+                self.fixed_cost = torch.zeros(n, n, dtype=torch.float64)
+                if self.fixed:
+                    a, b = (torch.cat(x, 1) for x in zip(*self.fixed))
+                    self.fixed_cost += (a @ b.T).double().cpu()
         if self.small:
-            if not self.terms:
-                return self.fixed_cost
-            bs = [_permuted_b(t, perm).reshape(n, -1) for t in self.terms]
-            return self.fixed_cost + (self.stacked_a @ (bs[0] if len(bs) == 1 else torch.cat(bs, 1)).T).cpu()
+            bs = [_permuted_b(t, perm).reshape(n, -1) for t in self.terms] + self.fixed_b
+            return (self.stacked_a @ (bs[0] if len(bs) == 1 else torch.cat(bs, 1)).T).double().cpu()
         if self.cost is None:
             self.cost = self.fixed_cost.clone()
             for t in self.terms:
                 c = t.full(perm, n)
                 self.cost += c
                 t.used = [perm[o] for _, o, _ in t.others]
-                if len(t.others) > 1:
+                if len(t.others) > 1 or n <= _KEEP:
                     t.cost = c
             return self.cost
         for t in self.terms:
             now = [perm[o] for _, o, _ in t.others]
             if all(p is q for p, q in zip(now, t.used)):
                 continue
-            if t.cost is None:
-                self.cost += t.update(t.used[0], now[0], n)
+            units = torch.nonzero(t.used[0] != now[0]).flatten() if len(now) == 1 else None
+            if units is not None and (t.cost is None or len(units) <= _PART * len(now[0])):
+                self.cost += t.update(t.used[0], now[0], units, n)
+                t.cost = None  # no longer this term's share
             else:
                 c = t.full(perm, n)
                 self.cost += c - t.cost
@@ -135,6 +140,8 @@ class _Group:
         return self.cost
 
 
+_PART = 0.5  # a term is updated over the moved units if at most this fraction of them moved
+_KEEP = 128  # groups up to this size keep each term's share of the cost, to recompute it instead
 _SMALL = 1 << 22  # multiply-adds up to which a group's cost is recomputed rather than updated
 
 
@@ -200,16 +207,14 @@ def _assign(cost: np.ndarray, prices: np.ndarray | None = None, relax: bool = Fa
     assign many rows at once. One Bellman–Ford relaxation over the assignment found moves the prices
     toward LAP duals of this cost: ``p_j += min_i k_ij − k_i,col_i``.
     """
-    k = np.negative(cost)
-    if prices is not None:
-        k -= prices
-    reduced = k - k.min(1, keepdims=True)
+    gain = cost if prices is None else cost + prices  # −k
+    reduced = gain.max(1, keepdims=True) - gain
     reduced -= reduced.min(0)
     _, col = linear_sum_assignment(reduced)
     if not relax:
         return col, None
-    k -= k[np.arange(len(col)), col][:, None]
-    prices = k.min(0) if prices is None else prices + k.min(0)
+    step = (gain[np.arange(len(col)), col][:, None] - gain).min(0)
+    prices = step if prices is None else prices + step
     return col, prices - prices.max()  # only differences matter; keep them from drifting
 
 
@@ -240,7 +245,7 @@ def weight_matching(
     Returns ``{group: LongTensor}``; apply it to B with :func:`lmc.apply_permutation`.
     """
     groups = _groups(spec, params_a, params_b, dtype)
-    perm = {g: p.clone().cpu() for g, p in (init_perm or identity_permutation(spec)).items()}
+    perm = identity_permutation(spec) if init_perm is None else {g: p.clone().cpu() for g, p in init_perm.items()}
     names = [g for g in spec.perm_to_axes if g in groups]
     version = dict.fromkeys(spec.sizes, 0)  # bumped whenever a group's permutation changes
     solved_at: dict[str, tuple[int, ...]] = {}  # versions of a group's deps at its last assignment
