@@ -165,7 +165,7 @@ def test_weight_matching_benchmark_on_a_finished_run(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {}
     for line in proc.stdout.splitlines():
-        method, fields = line[24:35].strip(), line[35:].split()
+        method, fields = line[26:37].strip(), line[37:].split()
         if method in ("lmc", "reference"):
             rows[method] = {"seconds": float(fields[0]), "ratio": float(fields[1]), "objective": float(fields[2])}
     recorded = json.loads((run_dir / "results.json").read_text())["diagnostics"]["weight_matching"]
@@ -186,11 +186,11 @@ def test_lap_solves_benchmark_times_the_recorded_assignments():
 
     script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "lap_solves.py"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(script), "--only", "x1", "--repeat", "1"], capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), "--only", "x1 (random)", "--repeat", "1"], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line[24:40].strip(): line[40:].split() for line in proc.stdout.splitlines()
-            if line.startswith("ResNet-20 x1")}
+    rows = {line[26:42].strip(): line[42:].split() for line in proc.stdout.splitlines()
+            if line.startswith("ResNet-20 x1 (random)")}
     assert set(rows) == {"plain", "prices", "reduced", "prices+reduced"}
     assert rows["plain"][1] == "1.00x"
     assert all(float(fields[0]) > 0 for fields in rows.values())
@@ -199,3 +199,27 @@ def test_lap_solves_benchmark_times_the_recorded_assignments():
     bad = subprocess.run([sys.executable, str(script), "--only", "nothing"], capture_output=True, text=True,
                          env=env, timeout=300)
     assert bad.returncode == 2 and "matches no model pair" in bad.stderr
+
+
+def test_weight_matching_benchmark_trains_and_caches_its_cifar_pairs(tmp_path):
+    """The trained CIFAR-shaped pairs are trained once, kept in ``--cache`` and loaded on the next run:
+    both runs report the same objectives, lmc's equal to the reference's."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "weight_matching.py"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    args = [sys.executable, str(script), "--only", "x1 (2 steps)", "--cifar-steps", "2", "--cache", str(tmp_path)]
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append({line[26:37].strip(): float(line[37:].split()[2]) for line in proc.stdout.splitlines()
+                     if line.startswith("ResNet-20 x1 (2 steps)") and line[26:37].strip() in ("lmc", "reference")})
+    cached = sorted(p.name for p in tmp_path.iterdir())
+    assert len(cached) == 2 and all("resnet20-width1-2steps" in name for name in cached)
+    assert runs[0] == runs[1] and runs[0]["lmc"] == pytest.approx(runs[0]["reference"], rel=1e-9)
+    # trained weights differ from the random initialisation the random pair starts from
+    random = subprocess.run([sys.executable, str(script), "--only", "x1 (random)", "--cache", ""],
+                            capture_output=True, text=True, env=env, timeout=300)
+    lmc_random = [line for line in random.stdout.splitlines() if line[26:37].strip() == "lmc"]
+    assert float(lmc_random[0][37:].split()[2]) != pytest.approx(runs[0]["lmc"], rel=1e-6)

@@ -1,6 +1,7 @@
 """LAP solver seconds inside weight matching: what the row/column reduction and the carried prices buy.
 
-    python experiments/benchmarks/lap_solves.py [--only TEXT] [--repeat N] [--mlp-steps N]
+    python experiments/benchmarks/lap_solves.py [--only TEXT] [--repeat N] [--mlp-steps N] [--cifar-steps N]
+        [--cache DIR]
 
 For each model pair of the weight-matching benchmark (``weight_matching.py`` beside this file), runs
 :func:`lmc.weight_matching` once with every group carrying column prices, records each cost matrix it
@@ -25,11 +26,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from weight_matching import _params, model_pairs, only
+from weight_matching import CACHE, _params, model_pairs, only
 
 from lmc.permutation import permutation_spec, weight_matching
 
@@ -70,10 +72,16 @@ def main() -> None:
     parser.add_argument("--only", metavar="TEXT", help="only the model pairs whose label contains TEXT")
     parser.add_argument("--repeat", type=int, default=5, help="best of this many passes over the matrices")
     parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP")
+    parser.add_argument("--cifar-steps", type=int, default=100,
+                        help="SGD steps training each trained CIFAR-shaped model")
+    parser.add_argument("--cache", default=str(CACHE), help=f"trained pairs kept between runs (default {CACHE})")
     args = parser.parse_args()
+    if args.cifar_steps < 1:
+        parser.error(f"--cifar-steps {args.cifar_steps}: must be a positive number of SGD steps")
     torch.set_num_threads(1)
-    cases = only(model_pairs(args.mlp_steps), args.only, parser)
-    print(f"{'model':<24}{'variant':<16}{'solver s':>10}{'vs plain':>10}  solves, sizes")
+    cache = Path(args.cache) if args.cache else None
+    cases = only(model_pairs(args.mlp_steps, args.cifar_steps, cache), args.only, parser)
+    print(f"{'model':<26}{'variant':<16}{'solver s':>10}{'vs plain':>10}  solves, sizes")
     for label, make in cases.items():
         (model_a, model_b), x = make()
         spec = permutation_spec(model_a, x)
@@ -94,7 +102,7 @@ def main() -> None:
                     if not np.isclose(c[np.arange(len(c)), col].sum(), total, rtol=1e-12, atol=0):
                         raise SystemExit(f"{label}: {name} reached a different optimum than plain")
         for name, seconds in best.items():
-            print(f"{label:<24}{name:<16}{seconds:>10.4g}{best['plain'] / seconds:>9.2f}x  "
+            print(f"{label:<26}{name:<16}{seconds:>10.4g}{best['plain'] / seconds:>9.2f}x  "
                   f"{len(solves)}, {sizes}")
         print(flush=True)
 
