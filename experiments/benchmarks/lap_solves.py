@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from weight_matching import CACHE, _params, model_pairs, only
+from weight_matching import _params, chosen_pairs, only, parse_with_pair_options
 
 from lmc.permutation import permutation_spec, weight_matching
 
@@ -69,18 +68,10 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", metavar="TEXT", help="only the model pairs whose label contains TEXT")
     parser.add_argument("--repeat", type=int, default=5, help="best of this many passes over the matrices")
-    parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP")
-    parser.add_argument("--cifar-steps", type=int, default=100,
-                        help="SGD steps training each trained CIFAR-shaped model")
-    parser.add_argument("--cache", default=str(CACHE), help=f"trained pairs kept between runs (default {CACHE})")
-    args = parser.parse_args()
-    if args.cifar_steps < 1:
-        parser.error(f"--cifar-steps {args.cifar_steps}: must be a positive number of SGD steps")
+    args = parse_with_pair_options(parser)
     torch.set_num_threads(1)
-    cache = Path(args.cache) if args.cache else None
-    cases = only(model_pairs(args.mlp_steps, args.cifar_steps, cache), args.only, parser)
+    cases = only(chosen_pairs(args), args.only, parser)
     print(f"{'model':<26}{'variant':<16}{'solver s':>10}{'vs plain':>10}  solves, sizes")
     for label, make in cases.items():
         (model_a, model_b), x = make()

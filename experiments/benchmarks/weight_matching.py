@@ -179,6 +179,26 @@ def model_pairs(mlp_steps: int, cifar_steps: int = 100, cache: Path | None = Non
     return pairs
 
 
+def parse_with_pair_options(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser``'s arguments, with the options choosing and making :func:`model_pairs` added and checked
+    (``--mlp-steps``, ``--cifar-steps``, ``--cache``, ``--only``); shared by the benchmarks beside this file."""
+    parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP")
+    parser.add_argument("--cifar-steps", type=int, default=100,
+                        help="SGD steps training each CIFAR-shaped model of the trained pairs (default 100)")
+    parser.add_argument("--cache", default=str(CACHE),
+                        help=f"where trained pairs are kept between runs (default {CACHE}); '' to keep none")
+    parser.add_argument("--only", metavar="TEXT", help="only the model pairs whose label contains TEXT (e.g. MLP)")
+    args = parser.parse_args()
+    if args.cifar_steps < 1:
+        parser.error(f"--cifar-steps {args.cifar_steps}: must be a positive number of SGD steps")
+    return args
+
+
+def chosen_pairs(args: argparse.Namespace) -> dict:
+    """:func:`model_pairs` as ``--mlp-steps``, ``--cifar-steps`` and ``--cache`` say (before ``--only``)."""
+    return model_pairs(args.mlp_steps, args.cifar_steps, Path(args.cache) if args.cache else None)
+
+
 def only(cases: dict, text: str | None, parser: argparse.ArgumentParser) -> dict:
     """The pairs whose label contains ``text`` (all if it is None); a parser error if there are none."""
     if text is None:
@@ -246,17 +266,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="best of at least this many timings per method (runs under 1 s are repeated for 1 s)")
-    parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP")
-    parser.add_argument("--cifar-steps", type=int, default=100,
-                        help="SGD steps training each CIFAR-shaped model of the trained pairs (default 100)")
-    parser.add_argument("--cache", default=str(CACHE),
-                        help=f"where trained pairs are kept between runs (default {CACHE}); '' to keep none")
-    parser.add_argument("--only", metavar="TEXT", help="only the model pairs whose label contains TEXT (e.g. MLP)")
     parser.add_argument("--run", type=Path, nargs="+", metavar="DIR",
                         help="instead: the trained endpoints of these finished runs (run directories)")
-    args = parser.parse_args()
-    if args.cifar_steps < 1:
-        parser.error(f"--cifar-steps {args.cifar_steps}: must be a positive number of SGD steps")
+    args = parse_with_pair_options(parser)
     torch.set_num_threads(args.threads)
 
     if args.run:
@@ -270,7 +282,7 @@ def main() -> None:
             "ResNet-20 x1 (random)": lambda: _random_pair("resnet20", (3, 32, 32), width=1),
         }
     else:
-        cases = model_pairs(args.mlp_steps, args.cifar_steps, Path(args.cache) if args.cache else None)
+        cases = chosen_pairs(args)
     cases = only(cases, args.only, parser)
     header = f"{'model':<26}{'method':<11}{'seconds':>9}{'ratio':>8}{'objective':>16}{'Δobj vs lmc':>14}  note"
     print(header)

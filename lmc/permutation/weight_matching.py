@@ -88,7 +88,7 @@ class _Group:
     fixed: list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) as (n, m) of entries no other group permutes
     terms: list[_Term]
     deps: list[str]  # the other groups its cost depends on
-    fixed_cost: torch.Tensor | None = None  # (n, n) float64 on CPU: the fixed entries' share
+    fixed_cost: torch.Tensor | None = None  # a large group's fixed entries' share: (n, n) float64 on CPU
     small: bool | None = None  # recomputed in one matmul each time (bookkeeping would cost more)
     stacked_a: torch.Tensor | None = None  # a small group's A, terms then fixed entries side by side: (n, M)
     fixed_b: list[torch.Tensor] | None = None  # a small group's fixed B entries side by side (none or one)
