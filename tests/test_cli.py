@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,74 +153,66 @@ def test_three_seeds_merged_report_pairwise_barriers(tmp_path, data_root):
     assert pairs["weight_matching"]["1-2"]["test"] != pairs["naive"]["1-2"]["test"]
 
 
+def _benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python experiments/benchmarks/<script> <args>`` with W&B disabled."""
+    path = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / script
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+
+
+def _table(stdout: str, end: int, label: str = "") -> dict[str, list[str]]:
+    """The rows of a benchmark's table whose label starts with ``label``: their second column (after the
+    26-character label, up to ``end``) -> the fields after it."""
+    return {line[26:end].strip(): line[end:].split() for line in stdout.splitlines() if line.startswith(label)}
+
+
 def test_weight_matching_benchmark_on_a_finished_run(tiny_run, tmp_path):
     """``experiments/benchmarks/weight_matching.py --run DIR`` times lmc and the reference on the run's
     trained endpoints; both reach the objective the run itself recorded for its alignment."""
-    from pathlib import Path
-
     run_dir, _ = tiny_run
-    script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "weight_matching.py"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(script), "--run", str(run_dir)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = _benchmark("weight_matching.py", "--run", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {}
-    for line in proc.stdout.splitlines():
-        method, fields = line[26:37].strip(), line[37:].split()
-        if method in ("lmc", "reference"):
-            rows[method] = {"seconds": float(fields[0]), "ratio": float(fields[1]), "objective": float(fields[2])}
+    rows = {method: {"seconds": float(fields[0]), "ratio": float(fields[1]), "objective": float(fields[2])}
+            for method, fields in _table(proc.stdout, 37).items() if method in ("lmc", "reference")}
     recorded = json.loads((run_dir / "results.json").read_text())["diagnostics"]["weight_matching"]
     assert rows["lmc"]["objective"] == pytest.approx(recorded["objective_after"], rel=1e-5)
     assert rows["reference"]["objective"] == pytest.approx(rows["lmc"]["objective"], rel=1e-9)
     assert rows["lmc"]["objective"] > recorded["objective_before"]
     assert rows["lmc"]["seconds"] > 0 and rows["reference"]["ratio"] > 0
     assert "fastest alternative" in proc.stdout
-    bad = subprocess.run([sys.executable, str(script), "--run", str(tmp_path)], capture_output=True, text=True,
-                         env=env, timeout=300)
+    bad = _benchmark("weight_matching.py", "--run", str(tmp_path))
     assert bad.returncode == 2 and "not a finished run directory" in bad.stderr
 
 
 def test_lap_solves_benchmark_times_the_recorded_assignments():
     """``experiments/benchmarks/lap_solves.py`` replays the LAPs of one weight matching four ways; all
     reach the same optimum (the script exits non-zero otherwise) and each line reports its ratio."""
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "lap_solves.py"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(script), "--only", "x1 (random)", "--repeat", "1"], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = _benchmark("lap_solves.py", "--only", "x1 (random)", "--repeat", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line[26:42].strip(): line[42:].split() for line in proc.stdout.splitlines()
-            if line.startswith("ResNet-20 x1 (random)")}
+    rows = _table(proc.stdout, 42, "ResNet-20 x1 (random)")
     assert set(rows) == {"plain", "prices", "reduced", "prices+reduced"}
     assert rows["plain"][1] == "1.00x"
     assert all(float(fields[0]) > 0 for fields in rows.values())
     solves = {int(fields[2].rstrip(",")) for fields in rows.values()}
     assert len(solves) == 1 and solves.pop() >= 12  # at least one solve per group of ResNet-20's 12
-    bad = subprocess.run([sys.executable, str(script), "--only", "nothing"], capture_output=True, text=True,
-                         env=env, timeout=300)
+    bad = _benchmark("lap_solves.py", "--only", "nothing")
     assert bad.returncode == 2 and "matches no model pair" in bad.stderr
 
 
 def test_weight_matching_benchmark_trains_and_caches_its_cifar_pairs(tmp_path):
     """The trained CIFAR-shaped pairs are trained once, kept in ``--cache`` and loaded on the next run:
     both runs report the same objectives, lmc's equal to the reference's."""
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "weight_matching.py"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    args = [sys.executable, str(script), "--only", "x1 (2 steps)", "--cifar-steps", "2", "--cache", str(tmp_path)]
     runs = []
     for _ in range(2):
-        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        proc = _benchmark("weight_matching.py", "--only", "x1 (2 steps)", "--cifar-steps", "2",
+                          "--cache", str(tmp_path))
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append({line[26:37].strip(): float(line[37:].split()[2]) for line in proc.stdout.splitlines()
-                     if line.startswith("ResNet-20 x1 (2 steps)") and line[26:37].strip() in ("lmc", "reference")})
+        rows = _table(proc.stdout, 37, "ResNet-20 x1 (2 steps)")
+        runs.append({method: float(rows[method][2]) for method in ("lmc", "reference")})
     cached = sorted(p.name for p in tmp_path.iterdir())
     assert len(cached) == 2 and all("resnet20-width1-2steps" in name for name in cached)
     assert runs[0] == runs[1] and runs[0]["lmc"] == pytest.approx(runs[0]["reference"], rel=1e-9)
     # trained weights differ from the random initialisation the random pair starts from
-    random = subprocess.run([sys.executable, str(script), "--only", "x1 (random)", "--cache", ""],
-                            capture_output=True, text=True, env=env, timeout=300)
-    lmc_random = [line for line in random.stdout.splitlines() if line[26:37].strip() == "lmc"]
-    assert float(lmc_random[0][37:].split()[2]) != pytest.approx(runs[0]["lmc"], rel=1e-6)
+    random = _benchmark("weight_matching.py", "--only", "x1 (random)", "--cache", "")
+    lmc_random = float(_table(random.stdout, 37, "ResNet-20 x1 (random)")["lmc"][2])
+    assert lmc_random != pytest.approx(runs[0]["lmc"], rel=1e-6)
