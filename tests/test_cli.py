@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,10 @@ def test_weight_matching_benchmark_on_a_finished_run(tiny_run, tmp_path):
     assert rows["lmc"]["objective"] > recorded["objective_before"]
     assert rows["lmc"]["seconds"] > 0 and rows["reference"]["ratio"] > 0
     assert "fastest alternative" in proc.stdout
+    # the reference solves every group on every pass; lmc skips the groups whose costs cannot have changed
+    groups, lmc, ref = map(int, re.search(r"(\d+) groups\)\s+\(LAP solves: lmc (\d+), reference (\d+);",
+                                          proc.stdout).groups())
+    assert ref % groups == 0 and ref >= 2 * groups and groups <= lmc < ref
     bad = _benchmark("weight_matching.py", "--run", str(tmp_path))
     assert bad.returncode == 2 and "not a finished run directory" in bad.stderr
 
