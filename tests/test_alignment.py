@@ -28,6 +28,7 @@ from lmc.permutation import (
     matching_objective,
     permutation_spec,
     random_permutation,
+    sinkhorn_normalize,
     weight_matching,
 )
 from lmc.permutation.activation_matching import _Recorder, _samples
@@ -185,6 +186,34 @@ def test_sinkhorn_midpoint_objective_reaches_zero_barrier():
     assert zero_barrier(model, sd_a, apply_permutation(spec, found, sd_b), x, y) <= 1e-6
     again = lmc.sinkhorn(spec, model, sd_a, sd_b, batches(x, y, 64), objective="midpoint", steps=200, seed=1)
     assert all(torch.equal(found[g], again[g]) for g in found)  # seeded
+
+
+@pytest.mark.parametrize("sigma", [1.0, 500.0])
+def test_sinkhorn_normalize_equals_the_logsumexp_formula(sigma):
+    """The log_softmax form gives the plain log-domain iteration's matrix and gradient, also for sharp
+    logits (entries far below their row's maximum)."""
+    gen = torch.Generator().manual_seed(0)
+    logits, weight = sigma * torch.randn(40, 40, generator=gen, dtype=torch.float64), torch.randn(40, 40, generator=gen)
+
+    def plain(x, iters):
+        for _ in range(iters):
+            x = x - torch.logsumexp(x, dim=1, keepdim=True)
+            x = x - torch.logsumexp(x, dim=0, keepdim=True)
+        return x.exp()
+
+    out = {}
+    for name, fn in (("lmc", sinkhorn_normalize), ("plain", plain)):
+        leaf = logits.clone().requires_grad_(True)
+        mat = fn(leaf, 7)
+        (mat * weight).sum().backward()
+        out[name] = mat.detach(), leaf.grad
+    torch.testing.assert_close(out["lmc"][0], out["plain"][0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out["lmc"][1], out["plain"][1], rtol=1e-7, atol=1e-10)
+    mat = out["lmc"][0]
+    assert float((mat.sum(0) - 1).abs().max()) < 1e-12  # the last half-step normalises the columns
+    if sigma == 1.0:  # smooth logits: 7 iterations bring the rows close too (sharp ones need many more)
+        assert float((mat.sum(1) - 1).abs().max()) < 1e-3
+    assert torch.equal(sinkhorn_normalize(logits, 0), logits.exp())
 
 
 def test_activation_matching_inner_product_and_bad_similarity():

@@ -189,6 +189,29 @@ def test_weight_matching_benchmark_on_a_finished_run(tiny_run, tmp_path):
     assert bad.returncode == 2 and "not a finished run directory" in bad.stderr
 
 
+def test_sinkhorn_benchmark_on_a_finished_run(tiny_run):
+    """``experiments/benchmarks/sinkhorn.py --run DIR``: lmc's Sinkhorn normalisation gives the plain
+    log-domain one's matrices and gradients at every logit spread, and both drive Sinkhorn re-basin on
+    the run's endpoints to a permutation."""
+    run_dir, _ = tiny_run
+    proc = _benchmark("sinkhorn.py", "--run", str(run_dir), "--steps", "20", "--threads", "1", "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    table = {int(line.split()[0]): [float(v) for v in line.split()[1:]] for line in lines[1:5]}
+    assert sorted(table) == [1, 10, 100, 1000]
+    for lmc_ms, plain_ms, ratio, dp, dgrad in table.values():
+        assert lmc_ms > 0 and ratio == pytest.approx(plain_ms / lmc_ms, rel=0.01, abs=0.01)
+        assert dp < 1e-5 and dgrad < 1e-3
+    steps = {fields[0]: [float(v) for v in fields[1:]] for fields in map(str.split, lines)
+             if fields[:1] in (["lmc"], ["plain"])}
+    assert set(steps) == {"lmc", "plain"} and steps["plain"][1] == 1.0
+    assert all(ms > 0 and 0 < loss < 10 for ms, _, loss in steps.values())
+    alike, total = map(int, re.search(r"assign alike: (\d+) of (\d+)", proc.stdout).groups())
+    assert 0 <= alike <= total == 16 + 16  # the tiny run's two hidden layers of 16 units
+    bad = _benchmark("sinkhorn.py", "--steps", "0")
+    assert bad.returncode == 2 and "--steps 0" in bad.stderr
+
+
 def test_lap_solves_benchmark_times_the_recorded_assignments():
     """``experiments/benchmarks/lap_solves.py`` replays the LAPs of one weight matching four ways; all
     reach the same optimum (the script exits non-zero otherwise) and each line reports its ratio."""

@@ -42,10 +42,18 @@ def apply_soft_permutation(
 
 
 def sinkhorn_normalize(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
-    """Doubly-stochastic matrix ``exp(logits)`` normalised by alternating row/column sums (log domain)."""
+    """Doubly-stochastic matrix ``exp(logits)`` normalised by alternating row/column sums (log domain).
+
+    Each half-step ``log_p − logsumexp(log_p)`` is a ``log_softmax`` (the last one, with the final
+    ``exp``, a ``softmax``): the same values, but on the CPU ``torch.exp`` and ``torch.logsumexp`` slow
+    down about tenfold once entries lie more than ~87 below their row's maximum, as they do late in
+    Sinkhorn re-basin (sharp logits over a small temperature), and the softmax kernels do not
+    (``experiments/benchmarks/sinkhorn.py``).
+    """
+    if iters <= 0:
+        return logits.exp()
     log_p = logits
-    for _ in range(iters):
-        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
-        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True)
-    return log_p.exp()
+    for _ in range(iters - 1):
+        log_p = torch.log_softmax(torch.log_softmax(log_p, dim=1), dim=0)
+    return torch.softmax(torch.log_softmax(log_p, dim=1), dim=0)
 
