@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from weight_matching import _mlp_pair, _run_pair
+from weight_matching import _mlp_pair, _run_pair, _time
 
 from lmc.permutation import apply_permutation, permutation_spec, sinkhorn_rebasin
 from lmc.permutation.soft import sinkhorn_normalize
@@ -57,21 +57,6 @@ def _normalize_case(fn, logits: list[torch.Tensor], weights: list[torch.Tensor])
     return [m.detach() for m in mats], [x.grad for x in leaves]
 
 
-def _best(fns: dict, min_seconds: float = 1.0) -> dict:
-    """``{name: (best seconds, output)}`` over alternating runs, at least 3 each and ``min_seconds`` in all."""
-    best, total, runs = {k: (float("inf"), None) for k in fns}, dict.fromkeys(fns, 0.0), 0
-    while runs < 3 or min(total.values()) < min_seconds:
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            out = fn()
-            seconds = time.perf_counter() - start
-            total[name] += seconds
-            if seconds < best[name][0]:
-                best[name] = (seconds, out)
-        runs += 1
-    return best
-
-
 def normalisation_table(min_seconds: float) -> None:
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(512, 512, generator=gen) for _ in range(3)]
@@ -79,9 +64,9 @@ def normalisation_table(min_seconds: float) -> None:
     print(f"{'logit spread σ':<16}{'lmc ms':>9}{'plain ms':>10}{'ratio':>8}{'max |ΔP|':>11}{'max rel. Δgrad':>16}")
     for sigma in (1, 10, 100, 1000):
         logits = [sigma * x for x in base]
-        timed = _best({"lmc": lambda: _normalize_case(sinkhorn_normalize, logits, weights),  # noqa: B023
+        timed = _time({"lmc": lambda: _normalize_case(sinkhorn_normalize, logits, weights),  # noqa: B023
                        "plain": lambda: _normalize_case(plain_sinkhorn, logits, weights)},  # noqa: B023
-                      min_seconds)
+                      3, min_seconds)
         (t_lmc, (p_lmc, g_lmc)), (t_plain, (p_plain, g_plain)) = timed["lmc"], timed["plain"]
         dp = max(float((a - b).abs().max()) for a, b in zip(p_lmc, p_plain))
         dg = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g_lmc, g_plain))
