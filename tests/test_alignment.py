@@ -216,6 +216,31 @@ def test_sinkhorn_normalize_equals_the_logsumexp_formula(sigma):
     assert torch.equal(sinkhorn_normalize(logits, 0), logits.exp())
 
 
+def test_weight_matching_warm_start_carries_prices_and_keeps_the_optimum(monkeypatch):
+    """``warm_start`` keeps the LAP prices of groups of at least ``_WARM`` units between calls; a warm
+    call finds what a cold one finds, and so does the STE, which warm-starts every step's projection."""
+    model, x, y = _trained_mlp(width=160, steps=30)
+    spec = permutation_spec(model, x[:2])
+    sd_a = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd_b = {k: v.detach() for k, v in seeded_init(lambda: build_model("mlp", (40,), 10, width=160, depth=2),
+                                                  1).state_dict().items()}
+    warm = {"stale": np.zeros(3)}
+    first = weight_matching(spec, sd_a, sd_b, warm_start=warm)
+    assert set(warm) == set(spec.groups) and all(len(p) == 160 for p in warm.values())  # "stale" dropped
+    gen = torch.Generator().manual_seed(2)
+    nudged = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in sd_a.items()}
+    again = weight_matching(spec, nudged, sd_b, init_perm=first, seed=1, warm_start=warm)
+    cold = weight_matching(spec, nudged, sd_b, init_perm=first, seed=1)
+    assert all(torch.equal(again[g], cold[g]) for g in spec.groups)
+    assert any(not torch.equal(again[g], first[g]) for g in spec.groups)  # the nudge moved something
+    learned = importlib.import_module("lmc.permutation.learned")
+    found = lmc.ste(spec, model, sd_a, sd_b, batches(x, y, 64), steps=15, lr=1e-2)
+    real = learned.weight_matching
+    monkeypatch.setattr(learned, "weight_matching", lambda *a, warm_start=None, **k: real(*a, **k))
+    assert all(torch.equal(found[g], p) for g, p in
+               lmc.ste(spec, model, sd_a, sd_b, batches(x, y, 64), steps=15, lr=1e-2).items())
+
+
 def test_activation_matching_inner_product_and_bad_similarity():
     model, spec, sd_a, sd_b, perm, x, _ = setup(ZOO[1][1], (40,))
     found = lmc.activation_matching(spec, model, as_model(model, sd_b), [x], similarity="inner_product")

@@ -189,26 +189,27 @@ def test_weight_matching_benchmark_on_a_finished_run(tiny_run, tmp_path):
     assert bad.returncode == 2 and "not a finished run directory" in bad.stderr
 
 
-def test_sinkhorn_benchmark_on_a_finished_run(tiny_run):
-    """``experiments/benchmarks/sinkhorn.py --run DIR``: lmc's Sinkhorn normalisation gives the plain
-    log-domain one's matrices and gradients at every logit spread, and both drive Sinkhorn re-basin on
-    the run's endpoints to a permutation."""
+def test_learned_alignment_benchmark_on_a_finished_run(tiny_run):
+    """``experiments/benchmarks/learned_alignment.py --run DIR``: lmc's Sinkhorn normalisation gives the
+    plain log-domain one's matrices and gradients at every logit spread; Sinkhorn re-basin and the STE run
+    both ways on the run's endpoints, and the STE's carried LAP prices leave its permutation unchanged."""
     run_dir, _ = tiny_run
-    proc = _benchmark("sinkhorn.py", "--run", str(run_dir), "--steps", "20", "--threads", "1", "--quick")
+    proc = _benchmark("learned_alignment.py", "--run", str(run_dir), "--steps", "20", "--threads", "1", "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    table = {int(line.split()[0]): [float(v) for v in line.split()[1:]] for line in lines[1:5]}
+    blocks = [block.splitlines() for block in proc.stdout.strip().split("\n\n")]
+    table = {int(line.split()[0]): [float(v) for v in line.split()[1:]] for line in blocks[0][1:]}
     assert sorted(table) == [1, 10, 100, 1000]
     for lmc_ms, plain_ms, ratio, dp, dgrad in table.values():
         assert lmc_ms > 0 and ratio == pytest.approx(plain_ms / lmc_ms, rel=0.01, abs=0.01)
         assert dp < 1e-5 and dgrad < 1e-3
-    steps = {fields[0]: [float(v) for v in fields[1:]] for fields in map(str.split, lines)
-             if fields[:1] in (["lmc"], ["plain"])}
-    assert set(steps) == {"lmc", "plain"} and steps["plain"][1] == 1.0
-    assert all(ms > 0 and 0 < loss < 10 for ms, _, loss in steps.values())
-    alike, total = map(int, re.search(r"assign alike: (\d+) of (\d+)", proc.stdout).groups())
-    assert 0 <= alike <= total == 16 + 16  # the tiny run's two hidden layers of 16 units
-    bad = _benchmark("sinkhorn.py", "--steps", "0")
+    for block, baseline in zip(blocks[1:], ("plain", "cold"), strict=True):
+        rows = {fields[0]: [float(v) for v in fields[1:]] for fields in map(str.split, block[2:4])}
+        assert set(rows) == {"lmc", baseline} and rows[baseline][1] == 1.0
+        assert all(ms > 0 and 0 < loss < 10 for ms, _, loss in rows.values())
+        alike, total = map(int, re.search(r"assign alike: (\d+) of (\d+)", block[4]).groups())
+        assert total == 16 + 16  # the tiny run's two hidden layers of 16 units
+        assert alike == total if baseline == "cold" else 0 <= alike <= total
+    bad = _benchmark("learned_alignment.py", "--steps", "0")
     assert bad.returncode == 2 and "--steps 0" in bad.stderr
 
 

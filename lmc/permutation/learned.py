@@ -94,12 +94,12 @@ def ste(
     opt = torch.optim.Adam(free.values(), lr=lr)
     b_params = {k: sd_b[k] for k in names}
     buffers = {k for k, _ in model.named_buffers()}
-    perm = None
+    perm, warm = None, {}  # the projection, warm-started from the previous step's permutation and LAP prices
 
     def step_loss(step: int) -> torch.Tensor:
         nonlocal perm
         perm = weight_matching(spec, {k: v.detach() for k, v in free.items()}, b_params, max_iter=wm_max_iter,
-                               seed=seed + step, init_perm=perm)
+                               seed=seed + step, init_perm=perm, warm_start=warm)
         proj = apply_permutation(spec, perm, sd_b)
         b_st = {**proj, **{k: free[k] + (proj[k] - free[k]).detach() for k in names}}
         x, y = next(batches)
@@ -107,7 +107,7 @@ def ste(
 
     _descend(model, opt, steps, step_loss)
     return weight_matching(spec, {k: v.detach() for k, v in free.items()}, b_params, max_iter=wm_max_iter,
-                           seed=seed + steps, init_perm=perm)
+                           seed=seed + steps, init_perm=perm, warm_start=warm)
 
 
 def sinkhorn_rebasin(

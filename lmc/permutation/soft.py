@@ -48,7 +48,7 @@ def sinkhorn_normalize(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     ``exp``, a ``softmax``): the same values, but on the CPU ``torch.exp`` and ``torch.logsumexp`` slow
     down about tenfold once entries lie more than ~87 below their row's maximum, as they do late in
     Sinkhorn re-basin (sharp logits over a small temperature), and the softmax kernels do not
-    (``experiments/benchmarks/sinkhorn.py``).
+    (``experiments/benchmarks/learned_alignment.py``).
     """
     if iters <= 0:
         return logits.exp()

@@ -1,26 +1,34 @@
-"""Sinkhorn re-basin speed: lmc's Sinkhorn normalisation against the plain log-domain one.
+"""Learned alignments' speed: Sinkhorn re-basin and the straight-through estimator, against baselines.
 
-    python experiments/benchmarks/sinkhorn.py [--threads N] [--steps N] [--mlp-steps N] [--run DIR]
-        [--normalize-only] [--quick]
+    python experiments/benchmarks/learned_alignment.py [--methods sinkhorn ste] [--threads N] [--steps N]
+        [--mlp-steps N] [--run DIR] [--normalize-only] [--quick]
 
-Sinkhorn re-basin (Peña et al. 2023) spends most of its time turning each group's logits into a
+**Sinkhorn re-basin** (Peña et al. 2023) spends most of its time turning each group's logits into a
 doubly-stochastic matrix: ``iters`` alternating row and column normalisations in the log domain, forward
 and backward, every optimisation step. lmc's :func:`lmc.permutation.soft.sinkhorn_normalize` writes each
 half-step as a ``log_softmax`` (the last with the ``exp`` as a ``softmax``); :func:`plain_sinkhorn` below
 writes it as ``log_p − logsumexp(log_p)``, as one would from the formula. The values are the same up to
-rounding. Both run in this process, in alternation, on the same inputs:
+rounding.
 
-1. the normalisation alone, forward and backward, on three 512×512 logit matrices (the MLP 3×512's
-   groups) whose entries spread over ``σ`` = 1 (near-uniform soft permutations, early in an alignment)
-   to 1000 (sharp ones: learned logits over a small temperature, late in an alignment);
-2. the whole alignment, :func:`lmc.sinkhorn` with the settings of ``conf/align/sinkhorn.yaml`` (1000
-   steps, batch 256, midpoint objective), on an MLP 3×512 pair trained ``--mlp-steps`` Adam steps on
-   MNIST-1D, or on the endpoints of a finished ``python -m lmc.run`` (``--run DIR``); once with lmc's
-   normalisation and once with the plain one in its place. It prints seconds per step, the ratio, the
-   midpoint training loss each permutation reaches, and how many units the two permutations share (the
-   optimisation is chaotic, so rounding differences can end in a different, equally good permutation).
+**The straight-through estimator** (Git Re-Basin) projects its free weights onto B's permutations by
+weight matching at every step, starting from the previous step's permutation. lmc also carries each
+group's LAP column prices from one step's weight matching to the next (``warm_start``); the baseline
+(``cold``) starts every weight matching without them. The permutations are the same.
 
-``ratio`` = plain time / lmc time (> 1: lmc is faster).
+Both run in this process, on the same inputs:
+
+1. Sinkhorn's normalisation alone, forward and backward, in alternation, on three 512×512 logit matrices
+   (the MLP 3×512's groups) whose entries spread over ``σ`` = 1 (near-uniform soft permutations, early in
+   an alignment) to 1000 (sharp ones: learned logits over a small temperature, late in an alignment);
+2. each whole alignment, :func:`lmc.sinkhorn` and :func:`lmc.ste` with the settings of
+   ``conf/align/{sinkhorn,ste}.yaml`` (1000 steps, batch 256), on an MLP 3×512 pair trained ``--mlp-steps``
+   Adam steps on MNIST-1D, or on the endpoints of a finished ``python -m lmc.run`` (``--run DIR``); once
+   as lmc runs it and once with the baseline in its place. It prints seconds per step, the ratio, the
+   midpoint training loss each permutation reaches, and how many units the two permutations share
+   (Sinkhorn's optimisation is chaotic, so rounding differences can end in a different, equally good
+   permutation).
+
+``ratio`` = baseline time / lmc time (> 1: lmc is faster).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from pathlib import Path
 import torch
 from weight_matching import _mlp_pair, _run_pair, _time
 
-from lmc.permutation import apply_permutation, permutation_spec, sinkhorn_rebasin
+from lmc.permutation import apply_permutation, permutation_spec, sinkhorn_rebasin, ste, weight_matching
 from lmc.permutation.soft import sinkhorn_normalize
 from lmc.training import evaluate
 
@@ -80,7 +88,24 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int = 0):
         yield x[idx], y[idx]
 
 
-def alignment_table(args: argparse.Namespace) -> None:
+def _cold_weight_matching(*args, warm_start=None, **kwargs):
+    """The STE baseline's projection: weight matching without the prices carried between steps."""
+    return weight_matching(*args, **kwargs)
+
+
+def _swapped(name: str, replacement):
+    """A function running ``fn`` with ``lmc.permutation.learned.<name>`` replaced by ``replacement``."""
+    def run(fn):
+        original = getattr(LEARNED, name)
+        setattr(LEARNED, name, replacement)
+        try:
+            return fn()
+        finally:
+            setattr(LEARNED, name, original)
+    return run
+
+
+def alignment_tables(args: argparse.Namespace) -> None:
     from lmc.data import from_options, load_dataset
 
     if args.run:
@@ -95,32 +120,40 @@ def alignment_table(args: argparse.Namespace) -> None:
         label = f"MLP 3x512 ({args.mlp_steps} steps)"
     spec = permutation_spec(model_a, data.x_train[:2])
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    found, seconds = {}, {}
-    for name, fn in (("lmc", sinkhorn_normalize), ("plain", plain_sinkhorn)):
-        LEARNED.sinkhorn_normalize = fn
-        try:
+    cases = {
+        "sinkhorn": ("lmc.sinkhorn (midpoint objective, τ 1 → 0.05)", "plain",
+                     lambda: sinkhorn_rebasin(spec, model_a, sd_a, sd_b, _batches(data.x_train, data.y_train, 256),
+                                              steps=args.steps),
+                     _swapped("sinkhorn_normalize", plain_sinkhorn)),
+        "ste": ("lmc.ste (lr 1e-3)", "cold",
+                lambda: ste(spec, model_a, sd_a, sd_b, _batches(data.x_train, data.y_train, 256), steps=args.steps),
+                _swapped("weight_matching", _cold_weight_matching)),
+    }
+    for method in args.methods:
+        title, baseline, align, swap = cases[method]
+        found, seconds = {}, {}
+        for name, run in (("lmc", lambda fn: fn()), (baseline, swap)):
             start = time.perf_counter()
-            found[name] = sinkhorn_rebasin(spec, model_a, sd_a, sd_b, _batches(data.x_train, data.y_train, 256),
-                                           steps=args.steps)
+            found[name] = run(align)
             seconds[name] = time.perf_counter() - start
-        finally:
-            LEARNED.sinkhorn_normalize = sinkhorn_normalize
-    print(f"\n{label}: lmc.sinkhorn, {args.steps} steps (midpoint objective, batch 256, τ 1 → 0.05)")
-    print(f"{'normalisation':<16}{'ms/step':>9}{'ratio':>8}{'midpoint train loss':>21}")
-    for name in ("lmc", "plain"):
-        aligned = apply_permutation(spec, found[name], sd_b)
-        mid = {k: 0.5 * (v + aligned[k]) if v.is_floating_point() else v for k, v in sd_a.items()}
-        loss, _ = evaluate(model_a, data.x_train, data.y_train, params=mid)
-        print(f"{name:<16}{seconds[name] / args.steps * 1e3:>9.1f}{seconds['plain'] / seconds[name]:>8.2f}"
-              f"{loss:>21.4f}")
-    same = sum(int((found["lmc"][g] == found["plain"][g]).sum()) for g in spec.groups)
-    print(f"units the two permutations assign alike: {same} of {sum(spec.sizes.values())}")
+        print(f"\n{label}: {title}, {args.steps} steps, batch 256")
+        print(f"{'variant':<16}{'ms/step':>9}{'ratio':>8}{'midpoint train loss':>21}")
+        for name in ("lmc", baseline):
+            aligned = apply_permutation(spec, found[name], sd_b)
+            mid = {k: 0.5 * (v + aligned[k]) if v.is_floating_point() else v for k, v in sd_a.items()}
+            loss, _ = evaluate(model_a, data.x_train, data.y_train, params=mid)
+            print(f"{name:<16}{seconds[name] / args.steps * 1e3:>9.1f}{seconds[baseline] / seconds[name]:>8.2f}"
+                  f"{loss:>21.4f}")
+        same = sum(int((found["lmc"][g] == found[baseline][g]).sum()) for g in spec.groups)
+        print(f"units the two permutations assign alike: {same} of {sum(spec.sizes.values())}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=("sinkhorn", "ste"), default=["sinkhorn", "ste"],
+                        help="the whole alignments to time (default both)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--steps", type=int, default=1000, help="Sinkhorn re-basin steps (default 1000, as configured)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimisation steps (default 1000, as configured)")
     parser.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training each MLP of the pair")
     parser.add_argument("--run", type=Path, metavar="DIR", help="instead: the trained endpoints of this finished run")
     parser.add_argument("--normalize-only", action="store_true", help="only the normalisation table")
@@ -134,7 +167,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     normalisation_table(0.0 if args.quick else 1.0)
     if not args.normalize_only:
-        alignment_table(args)
+        alignment_tables(args)
 
 
 if __name__ == "__main__":
