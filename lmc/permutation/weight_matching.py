@@ -255,7 +255,7 @@ def weight_matching(
     version = dict.fromkeys(spec.sizes, 0)  # bumped whenever a group's permutation changes
     solved_at: dict[str, tuple[int, ...]] = {}  # versions of a group's deps at its last assignment
     prices: dict[str, np.ndarray] = {} if warm_start is None else warm_start
-    for g in [g for g, p in prices.items() if p is not None and len(p) != spec.sizes.get(g)]:
+    for g in [g for g, p in prices.items() if len(p) != spec.sizes.get(g)]:
         del prices[g]  # not this spec's group (any more)
     rng = np.random.default_rng(seed)
     for _ in range(max_iter):
@@ -266,7 +266,9 @@ def weight_matching(
             if solved_at.get(g) == state:
                 continue  # same cost matrix as at this group's last assignment: no improvement possible
             c = group.current_cost(perm).numpy()
-            col, prices[g] = _assign(c, prices.get(g), relax=group.n >= _WARM)
+            col, new_prices = _assign(c, prices.get(g), relax=group.n >= _WARM)
+            if new_prices is not None:
+                prices[g] = new_prices
             solved_at[g] = state
             current = perm[g].numpy()
             rows = np.flatnonzero(col != current)
