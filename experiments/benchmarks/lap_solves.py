@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -39,17 +40,14 @@ WM = importlib.import_module("lmc.permutation.weight_matching")
 
 def _record(spec, pa, pb) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Every (cost, carried prices) lmc's weight matching solves, with prices carried by every group."""
-    solves, assign, warm = [], WM._assign, WM._WARM
+    solves, assign = [], WM._assign
 
     def recording(cost, prices=None, relax=False):
         solves.append((cost.copy(), None if prices is None else prices.copy()))
         return assign(cost, prices, relax)
 
-    WM._assign, WM._WARM = recording, 0
-    try:
+    with mock.patch.multiple(WM, _assign=recording, _WARM=0):
         weight_matching(spec, pa, pb)
-    finally:
-        WM._assign, WM._WARM = assign, warm
     return solves
 
 

@@ -37,6 +37,7 @@ import argparse
 import importlib
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from weight_matching import _mlp_pair, _run_pair, _time
@@ -96,12 +97,8 @@ def _cold_weight_matching(*args, warm_start=None, **kwargs):
 def _swapped(name: str, replacement):
     """A function running ``fn`` with ``lmc.permutation.learned.<name>`` replaced by ``replacement``."""
     def run(fn):
-        original = getattr(LEARNED, name)
-        setattr(LEARNED, name, replacement)
-        try:
+        with mock.patch.object(LEARNED, name, replacement):
             return fn()
-        finally:
-            setattr(LEARNED, name, original)
     return run
 
 
