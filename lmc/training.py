@@ -39,7 +39,7 @@ class TrainConfig:
     channels_last: bool = False  # channels-last memory format for 4-D inputs and weights (CUDA only)
     compile: bool = False  # torch.compile the model for the training steps
     concurrent_pair: bool = False  # train both models of a pair at once (two threads, one CUDA stream each);
-    # bitwise equal to sequential training unless the forward pass draws global random numbers (dropout)
+    # bitwise equal to sequential training; models with dropout (global random numbers) are refused
     checkpoint_every: int = 1  # epochs between training checkpoints (run store only; not part of the model hash)
     keep_checkpoints: Sequence = ()  # epochs (3 or "3ep") or steps ("100st") whose checkpoints are kept
 
@@ -275,7 +275,17 @@ def train_pair(
 ) -> list[list[dict]]:
     """:func:`train` each model on its data with its seed (data order and augmentation), one after the
     other or, with ``cfg.concurrent_pair``, at the same time (:func:`concurrently`). The trainings share
-    nothing, so the results equal the sequential ones (bit for bit on CPU)."""
+    nothing, so the results equal the sequential ones (bit for bit on CPU). A model with dropout draws
+    from the global RNG, which two threads would share in an order that changes from run to run, so
+    ``cfg.concurrent_pair`` refuses it."""
+    if cfg.concurrent_pair:
+        for i, model in enumerate(models):
+            drop = next((f"{name} ({type(m).__name__}, p={m.p})" for name, m in model.named_modules()
+                         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0), None)
+            if drop:
+                raise ConfigError(f"train.concurrent_pair=true cannot train model {i}: its module {drop} draws "
+                                  "global random numbers, which two threads would interleave differently on "
+                                  "every run; set train.concurrent_pair=false")
     jobs = [functools.partial(train, m, d, cfg, data_seed=s, aug_seed=s, progress=progress and f"train {i} (seed {s})")
             for i, (m, d, s) in enumerate(zip(models, datas, seeds))]
     return concurrently(jobs, cfg.concurrent_pair, datas[0].x_train.device)

@@ -149,6 +149,29 @@ def test_concurrent_pair_equals_sequential_training():
     assert not torch.equal(*weights[True])
 
 
+def test_concurrent_pair_refuses_dropout_and_trains_nothing():
+    from lmc.training import TrainConfig, seeded_init, train_pair
+
+    x, y = images(32), torch.arange(32) % 2
+    data = Dataset("img", x, y, x, y, 2)
+
+    def build(p):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 8), torch.nn.Dropout(p),
+                                   torch.nn.Linear(8, 2))
+
+    models = [seeded_init(lambda: build(0.1), s) for s in (0, 1)]
+    before = [m[1].weight.detach().clone() for m in models]
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, concurrent_pair=True)
+    with pytest.raises(ConfigError, match=r"model 0: its module 2 \(Dropout, p=0.1\) draws global random numbers.*"
+                                          r"set train.concurrent_pair=false"):
+        train_pair(models, [data, data], cfg, seeds=[0, 1], progress=False)
+    assert all(torch.equal(m[1].weight, b) for m, b in zip(models, before))  # nothing trained
+    # dropout with p=0 draws nothing; sequential training takes dropout as it is
+    train_pair([seeded_init(lambda: build(0.0), s) for s in (0, 1)], [data, data], cfg, seeds=[0, 1], progress=False)
+    train_pair(models, [data, data], TrainConfig(epochs=1, batch_size=8, lr=1e-2), seeds=[0, 1], progress=False)
+    assert not torch.equal(models[0][1].weight, before[0])
+
+
 def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
     import urllib.error
 
