@@ -108,12 +108,12 @@ def alignment_tables(args: argparse.Namespace) -> None:
     if args.run:
         import json
 
-        (model_a, model_b), _ = _run_pair(args.run)
         data = from_options(json.loads((args.run / "results.json").read_text())["config"]["data"])
+        (model_a, model_b), _ = _run_pair(args.run, data)
         label = f"run {args.run.name}"
     else:
-        (model_a, model_b), _ = _mlp_pair(args.mlp_steps)
         data = load_dataset("mnist1d")
+        (model_a, model_b), _ = _mlp_pair(args.mlp_steps, data)
         label = f"MLP 3x512 ({args.mlp_steps} steps)"
     spec = permutation_spec(model_a, data.x_train[:2])
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()

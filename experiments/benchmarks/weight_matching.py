@@ -81,10 +81,11 @@ def reference_weight_matching(spec: PermutationSpec, params_a: dict, params_b: d
     return perm
 
 
-def _mlp_pair(steps: int):
+def _mlp_pair(steps: int, data=None):
+    """Two MLPs 3×512 (seeds 0 and 1) trained ``steps`` Adam steps on MNIST-1D (``data``, if already loaded)."""
     from lmc.data import load_dataset
 
-    data = load_dataset("mnist1d")
+    data = load_dataset("mnist1d") if data is None else data
     models = []
     for seed in (0, 1):
         model = seeded_init(lambda: build_model("mlp", (40,), 10, width=512, depth=3), seed)
@@ -158,13 +159,14 @@ def _trained_pair(name, shape, steps: int, cache: Path | None, **kw):
     return models, torch.randn(2, *shape)
 
 
-def _run_pair(run_dir: Path):
-    """The trained endpoints of a finished run (its ``results.json`` config and ``checkpoints/``)."""
+def _run_pair(run_dir: Path, data=None):
+    """The trained endpoints of a finished run (its ``results.json`` config and ``checkpoints/``); ``data``:
+    the run's dataset, if already loaded."""
     from lmc.checkpoint import load_verified
     from lmc.data import from_options
 
     cfg = json.loads((run_dir / "results.json").read_text())["config"]
-    data = from_options(cfg["data"])
+    data = from_options(cfg["data"]) if data is None else data
     kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
     models = []
     for name in ("model_a", "model_b"):
