@@ -1,4 +1,5 @@
-"""Tiny datasets fabricated in the real on-disk formats torchvision reads, for tests.
+"""Tiny datasets fabricated for tests: in memory (:func:`tiny_data`), and in the real on-disk formats
+torchvision reads.
 
 ``fabricate(name, root, n_train, n_test)`` writes CIFAR-10/100 pickled batches, MNIST/Fashion-MNIST
 idx files (gzipped and extracted, as a torchvision download leaves them) or SVHN ``.mat`` files under
@@ -18,6 +19,19 @@ from pathlib import Path
 import numpy as np
 
 FAKE_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
+
+
+def tiny_data(n: int, n_test: int = 64, features: int = 2):
+    """``n`` fixed Gaussian points in 8-D, labelled by whether their first ``features`` coordinates sum
+    above 0 (two classes); the test set is the first ``n_test`` of them."""
+    import torch
+
+    from lmc.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, :features].sum(1) > 0).long()
+    return Dataset("tiny", x, y, x[:n_test], y[:n_test], 2)
 
 
 def skip_md5_checks(monkeypatch) -> None:

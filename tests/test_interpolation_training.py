@@ -1,8 +1,8 @@
 import pytest
 import torch
+from fake_datasets import tiny_data
 from torch import nn
 
-from lmc.data import Dataset
 from lmc.errors import ConfigError
 from lmc.interpolation import alpha_grid, layerwise_sweep, lerp_state, sweep
 from lmc.models import build_model
@@ -37,15 +37,8 @@ def test_evaluate_on_known_model():
     assert acc == pytest.approx(2 / 3)
 
 
-def tiny_data(n=256):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=g)
-    y = (x[:, 0] + x[:, 1] > 0).long()
-    return Dataset("tiny", x, y, x[:64], y[:64], 2)
-
-
 def test_training_is_seeded_and_learns():
-    data = tiny_data()
+    data = tiny_data(256)
     cfg = TrainConfig(epochs=15, batch_size=32, lr=1e-2)
     models = []
     for _ in range(2):
@@ -64,7 +57,7 @@ def test_training_is_seeded_and_learns():
 def test_training_divergence_is_reported():
     from lmc.training import TrainingDiverged
 
-    data = tiny_data()
+    data = tiny_data(256)
     m = seeded_init(lambda: build_model("mlp", (8,), 2, width=16, depth=1), 0)
     with pytest.raises(TrainingDiverged, match=r"at step \d+ \(epoch \d\)"):
         train(m, data, TrainConfig(epochs=2, lr=1e12, optimizer="sgd"), data_seed=0, progress=False)
@@ -78,7 +71,7 @@ def test_bad_train_config():
 
 
 def test_sweep_rows_and_layerwise_keep_other_layers_at_a():
-    data = tiny_data()
+    data = tiny_data(256)
     a = seeded_init(lambda: build_model("mlp", (8,), 2, width=16, depth=2), 0)
     b = seeded_init(lambda: build_model("mlp", (8,), 2, width=16, depth=2), 1)
     sd_a, sd_b = a.state_dict(), b.state_dict()

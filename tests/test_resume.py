@@ -9,21 +9,14 @@ import time
 
 import pytest
 import torch
+from fake_datasets import tiny_data
 from test_cli import lmc_run
 from torch import nn
 
 from lmc.checkpoint import CheckpointDir, load_verified
-from lmc.data import Dataset
 from lmc.errors import CorruptCheckpoint
 from lmc.models import build_model
 from lmc.training import TrainConfig, TrainingDiverged, seeded_init, train
-
-
-def tiny_data(n=300):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=g)
-    y = (x[:, 0] + x[:, 1] > 0).long()
-    return Dataset("tiny", x, y, x[:64], y[:64], 2)
 
 
 def new_model():
@@ -36,7 +29,7 @@ def same_weights(a, b):
 
 @pytest.mark.parametrize("stop", [10, 17, 20])  # end of epoch 1 (10 steps/epoch), mid-epoch, end of epoch 2
 def test_interrupted_training_resumes_bitwise(tmp_path, stop):
-    data, cfg = tiny_data(), TrainConfig(epochs=4, batch_size=32, lr=1e-2, keep_checkpoints=["15st"])
+    data, cfg = tiny_data(300), TrainConfig(epochs=4, batch_size=32, lr=1e-2, keep_checkpoints=["15st"])
     reference = new_model()
     ref_history = train(reference, data, cfg, data_seed=3, aug_seed=5, progress=False)
     ckpt = CheckpointDir(tmp_path)
@@ -56,7 +49,7 @@ def test_interrupted_training_resumes_bitwise(tmp_path, stop):
 
 
 def test_corrupted_checkpoint_is_detected_with_its_path(tmp_path):
-    data, cfg = tiny_data(), TrainConfig(epochs=3, batch_size=32, lr=1e-2)
+    data, cfg = tiny_data(300), TrainConfig(epochs=3, batch_size=32, lr=1e-2)
     ckpt = CheckpointDir(tmp_path)
     train(new_model(), data, cfg, data_seed=0, progress=False, checkpoints=ckpt, stop_step=10)
     path = ckpt.latest_file()
@@ -86,7 +79,7 @@ class NaNAfter(nn.Module):
 
 
 def test_divergence_reports_the_step_and_keeps_earlier_checkpoints(tmp_path):
-    data, cfg = tiny_data(), TrainConfig(epochs=4, batch_size=32, lr=1e-2)  # 10 steps per epoch
+    data, cfg = tiny_data(300), TrainConfig(epochs=4, batch_size=32, lr=1e-2)  # 10 steps per epoch
     ckpt = CheckpointDir(tmp_path)
     with pytest.raises(TrainingDiverged, match=r"at step 25 \(epoch 3\)"):
         train(NaNAfter(25), data, cfg, data_seed=0, progress=False, checkpoints=ckpt)

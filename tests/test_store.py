@@ -5,10 +5,10 @@ import time
 
 import pytest
 import torch
+from fake_datasets import tiny_data
 from test_cli import TINY, lmc_run
 
 from lmc.checkpoint import CheckpointDir, load_verified
-from lmc.data import Dataset
 from lmc.errors import ConfigError, CorruptCheckpoint, StoreError
 from lmc.models import build_model
 from lmc.store import Store, model_settings, settings_hash
@@ -17,11 +17,8 @@ from lmc.training import TrainConfig
 QUICK = [*TINY, "interp.layerwise=false", "logger=none"]
 
 
-def tiny_data(n=200):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=g)
-    y = (x[:, 0] > 0).long()
-    return Dataset("tiny", x, y, x[:50], y[:50], 2)
+def store_data():
+    return tiny_data(200, n_test=50, features=1)
 
 
 def build():
@@ -51,7 +48,7 @@ def test_hash_covers_exactly_the_weight_settings():
 
 
 def test_store_trains_once_then_loads_bitwise(tmp_path):
-    store, data, cfg = Store(tmp_path), tiny_data(), TrainConfig(epochs=2, batch_size=50, lr=0.01)
+    store, data, cfg = Store(tmp_path), store_data(), TrainConfig(epochs=2, batch_size=50, lr=0.01)
     first = store.trained_model(settings(), build, data, cfg, progress=False)
     assert not first.reused and (first.path / "meta.json").is_file()
     meta = json.loads((first.path / "meta.json").read_text())
@@ -64,7 +61,7 @@ def test_store_trains_once_then_loads_bitwise(tmp_path):
 
 
 def test_spawned_children_share_the_parent(tmp_path):
-    store, data, cfg = Store(tmp_path), tiny_data(), TrainConfig(epochs=2, batch_size=50, lr=0.05)
+    store, data, cfg = Store(tmp_path), store_data(), TrainConfig(epochs=2, batch_size=50, lr=0.05)
     parent = store.trained_model(settings(spawn={"stop_step": 3}), build, data, cfg, progress=False, stop_step=3)
     assert parent.final_state["step"] == 3
     kids = [store.trained_model(settings(data=s, aug=s, spawn={"step": 3, "parent": parent.hash}), build, data, cfg,
@@ -83,7 +80,7 @@ def test_spawned_children_share_the_parent(tmp_path):
 
 
 def test_kept_checkpoints_stay_and_load(tmp_path):
-    store, data = Store(tmp_path), tiny_data()
+    store, data = Store(tmp_path), store_data()
     cfg = TrainConfig(epochs=3, batch_size=50, lr=0.01, keep_checkpoints=[1, "6st"])
     stored = store.trained_model(settings(epochs=3), build, data, cfg, progress=False)
     kept = CheckpointDir(stored.path / "checkpoints").kept()
@@ -98,7 +95,7 @@ def test_kept_checkpoints_stay_and_load(tmp_path):
 
 
 def test_corrupted_model_is_reported_then_retrained_on_request(tmp_path):
-    data, cfg = tiny_data(), TrainConfig(epochs=1, batch_size=50, lr=0.01)
+    data, cfg = store_data(), TrainConfig(epochs=1, batch_size=50, lr=0.01)
     first = Store(tmp_path).trained_model(settings(epochs=1), build, data, cfg, progress=False)
     model_pt = first.path / "model.pt"
     model_pt.write_bytes(model_pt.read_bytes()[:100])  # truncated
