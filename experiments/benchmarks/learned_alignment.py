@@ -21,12 +21,12 @@ Both run in this process, on the same inputs:
    (the MLP 3×512's groups) whose entries spread over ``σ`` = 1 (near-uniform soft permutations, early in
    an alignment) to 1000 (sharp ones: learned logits over a small temperature, late in an alignment);
 2. each whole alignment, :func:`lmc.sinkhorn` and :func:`lmc.ste` with the settings of
-   ``conf/align/{sinkhorn,ste}.yaml`` (1000 steps, batch 256), on an MLP 3×512 pair trained ``--mlp-steps``
-   Adam steps on MNIST-1D, or on the endpoints of a finished ``python -m lmc.run`` (``--run DIR``); once
-   as lmc runs it and once with the baseline in its place. It prints seconds per step, the ratio, the
-   midpoint training loss each permutation reaches, and how many units the two permutations share
-   (Sinkhorn's optimisation is chaotic, so rounding differences can end in a different, equally good
-   permutation).
+   ``conf/align/{sinkhorn,ste}.yaml`` (1000 steps, batch 256, seed 0: the batches ``align=`` draws), on an
+   MLP 3×512 pair trained ``--mlp-steps`` Adam steps on MNIST-1D, or on the endpoints of a finished
+   ``python -m lmc.run`` (``--run DIR``); once as lmc runs it and once with the baseline in its place. It
+   prints seconds per step, the ratio, the midpoint training loss each permutation reaches, and how many
+   units the two permutations share (Sinkhorn's optimisation is chaotic, so rounding differences can end
+   in a different, equally good permutation).
 
 ``ratio`` = baseline time / lmc time (> 1: lmc is faster).
 """
@@ -42,6 +42,7 @@ from unittest import mock
 import torch
 from weight_matching import _mlp_pair, _run_pair, _time
 
+from lmc.alignment import train_batches
 from lmc.permutation import apply_permutation, permutation_spec, sinkhorn_rebasin, ste, weight_matching
 from lmc.permutation.soft import sinkhorn_normalize
 from lmc.training import evaluate
@@ -82,13 +83,6 @@ def normalisation_table(min_seconds: float) -> None:
         print(f"{sigma:<16}{t_lmc * 1e3:>9.2f}{t_plain * 1e3:>10.2f}{t_plain / t_lmc:>8.2f}{dp:>11.1e}{dg:>16.1e}")
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        idx = torch.randint(0, len(x), (size,), generator=gen)
-        yield x[idx], y[idx]
-
-
 def _cold_weight_matching(*args, warm_start=None, **kwargs):
     """The STE baseline's projection: weight matching without the prices carried between steps."""
     return weight_matching(*args, **kwargs)
@@ -119,11 +113,10 @@ def alignment_tables(args: argparse.Namespace) -> None:
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     cases = {
         "sinkhorn": ("lmc.sinkhorn (midpoint objective, τ 1 → 0.05)", "plain",
-                     lambda: sinkhorn_rebasin(spec, model_a, sd_a, sd_b, _batches(data.x_train, data.y_train, 256),
-                                              steps=args.steps),
+                     lambda: sinkhorn_rebasin(spec, model_a, sd_a, sd_b, train_batches(data, 256, 0), steps=args.steps),
                      _swapped("sinkhorn_normalize", plain_sinkhorn)),
         "ste": ("lmc.ste (lr 1e-3)", "cold",
-                lambda: ste(spec, model_a, sd_a, sd_b, _batches(data.x_train, data.y_train, 256), steps=args.steps),
+                lambda: ste(spec, model_a, sd_a, sd_b, train_batches(data, 256, 0), steps=args.steps),
                 _swapped("weight_matching", _cold_weight_matching)),
     }
     for method in args.methods:
