@@ -277,15 +277,23 @@ def _load_reference():
 WM = importlib.import_module("lmc.permutation.weight_matching")
 
 
-@pytest.mark.parametrize("path", ["recomputed", "updated"])
+def _cost_path(monkeypatch, path):
+    """Weight matching keeps its cost matrices one way only: every group stacked, its cost recomputed in
+    full whenever another group moved or updated over the moved rows; or every group kept entry by entry
+    (as large groups are)."""
+    monkeypatch.setattr(WM, "_STACK", 0 if path == "per entry" else 1 << 40)
+    monkeypatch.setattr(WM, "_PART", -1.0 if path == "recomputed" else 1.0 if path == "updated" else 0.5)
+
+
+@pytest.mark.parametrize("path", ["recomputed", "updated", "per entry"])
 @pytest.mark.parametrize("name,shape,kw", [
     ("mlp", (40,), dict(width=32, depth=3)),
     ("resnet20", (3, 8, 8), dict(base_channels=4, norm="layernorm")),
     ("cnn1d", (40,), dict(width=16)),
 ])
 def test_fast_weight_matching_matches_the_reference_algorithm(name, shape, kw, path, monkeypatch):
-    # both ways of keeping the cost matrices: recomputed per solve (small groups), updated over moved units
-    monkeypatch.setattr(WM, "_SMALL", 1 << 40 if path == "recomputed" else 0)
+    # both ways of keeping the cost matrices: terms' shares recomputed, or updated over the moved units
+    _cost_path(monkeypatch, path)
     a, b = (seeded_init(lambda: build_model(name, shape, 10, **kw), s) for s in (0, 1))
     spec = permutation_spec(a, torch.randn(2, *shape))
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
@@ -301,11 +309,30 @@ def test_fast_weight_matching_matches_the_reference_algorithm(name, shape, kw, p
     assert matching_objective(spec, again, pa, pb) == pytest.approx(obj, rel=1e-9)
 
 
-@pytest.mark.parametrize("path", ["recomputed", "updated"])
+def test_weight_matching_torch_path_equals_the_numpy_path(monkeypatch):
+    """Stacks built and indexed by torch alone (as for tensors on a GPU, or dtypes numpy lacks) give the
+    permutation the numpy path gives, in float32 and float64; the spec's cached layouts are reused."""
+    a, b = (seeded_init(lambda: build_model("resnet20", (3, 8, 8), 10, base_channels=4), s) for s in (0, 1))
+    spec = permutation_spec(a, torch.randn(2, 3, 8, 8))
+    pa = {k: v.detach() for k, v in a.named_parameters()}
+    pb = {k: v.detach() for k, v in b.named_parameters()}
+    found = {dtype: weight_matching(spec, pa, pb, dtype=dtype) for dtype in (torch.float32, torch.float64)}
+    assert len(spec.derived["weight_matching_layouts"]) == 1  # one layout for these shapes, made once
+    monkeypatch.setattr(WM, "_NUMPY", ())
+    groups = WM._groups(spec, pa, pb, torch.float32)
+    assert all(isinstance(g.a, torch.Tensor) and g.out is None for g in groups.values())
+    for dtype, expected in found.items():
+        torch_path = weight_matching(spec, pa, pb, dtype=dtype)
+        assert all(torch.equal(torch_path[g], expected[g]) for g in spec.groups)
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    assert matching_objective(spec, found[torch.float32], pa, pb) > matching_objective(spec, ident, pa, pb)
+
+
+@pytest.mark.parametrize("path", ["recomputed", "updated", "per entry"])
 def test_weight_matching_on_a_hand_written_spec_with_three_permuted_axes(path, monkeypatch):
     """An entry permuted on three axes (its cost terms depend on two other groups each) and a flattened
     one (a group acting on blocks): the result is the reference's, both ways of keeping costs."""
-    monkeypatch.setattr(WM, "_SMALL", 1 << 40 if path == "recomputed" else 0)
+    _cost_path(monkeypatch, path)
     sizes = {"P": 6, "Q": 5, "R": 4}
     spec = PermutationSpec(
         perm_to_axes={"P": [AxisRef("t", 0), AxisRef("m", 1, block=3)],
@@ -329,8 +356,9 @@ def test_weight_matching_on_a_hand_written_spec_with_three_permuted_axes(path, m
     assert all(torch.equal(back[g], invert_permutation(perm)[g]) for g in sizes)
 
 
-def test_exact_gain_and_warm_started_assignment():
-    """The float64 re-check of a move equals the cost matrices' difference; the LAP solved on the
+def test_exact_gain_and_warm_started_assignment(monkeypatch):
+    """The float64 re-check of a move equals the cost matrices' difference (stacked groups and groups kept
+    entry by entry); the LAP solved on the
     row- and column-reduced cost, with or without carried-over column prices, finds the plain solver's
     optimum along a chain of changing costs, and the prices become the LAP's duals."""
     a, b = (seeded_init(lambda: build_model("resnet20", (3, 8, 8), 10, base_channels=4), s) for s in (0, 1))
@@ -339,12 +367,17 @@ def test_exact_gain_and_warm_started_assignment():
     pb = {k: v.detach() for k, v in b.named_parameters()}
     perm = random_permutation(spec, 1)
     costs = cost_matrices(spec, perm, pa, pb)
-    groups = WM._groups(spec, pa, pb, torch.float64)
-    for g, n in spec.sizes.items():
-        new = torch.randperm(n, generator=torch.Generator().manual_seed(n))
-        rows = torch.nonzero(new != perm[g]).flatten()
-        expected = float(costs[g][rows, new[rows]].sum() - costs[g][rows, perm[g][rows]].sum())
-        assert WM._exact_gain(groups[g], perm, rows, new, perm[g]) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    for stack in (1 << 40, 0):
+        monkeypatch.setattr(WM, "_STACK", stack)
+        groups = WM._groups(spec, pa, pb, torch.float64)
+        assert all(isinstance(x, WM._Group if stack else WM._LargeGroup) for x in groups.values())
+        for g, n in spec.sizes.items():
+            new = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+            rows = torch.nonzero(new != perm[g]).flatten()
+            expected = float(costs[g][rows, new[rows]].sum() - costs[g][rows, perm[g][rows]].sum())
+            found = groups[g].exact_gain({k: p.numpy() for k, p in perm.items()}, rows.numpy(), new.numpy(),
+                                         perm[g].numpy())
+            assert found == pytest.approx(expected, rel=1e-12, abs=1e-12)
     from scipy.optimize import linear_sum_assignment
     rng = np.random.default_rng(0)
     cost, prices = rng.standard_normal((60, 60)), None

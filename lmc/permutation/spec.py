@@ -66,6 +66,9 @@ class PermutationSpec:
     # group -> activation points: (fx node name, feature axis, block) of every traced tensor with that
     # group's features that a Linear/Conv layer reads (used by activation matching)
     points: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    # what algorithms derive from the spec alone and keep for the next call (weight matching's stack layouts,
+    # keyed by the entries' shapes); not part of the spec's identity
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._blocks: dict[tuple[str, int], int] = {}

@@ -7,19 +7,26 @@ permutation matrix, so the best one is a linear assignment problem (LAP,
 
 The algorithm is the reference's; the work is organised to avoid repeating it:
 
-* every state-dict entry a group acts on is reshaped once with the group's axis first;
 * a group's ``(n, n)`` cost is computed when it is first solved (float32 matmuls by default,
-  accumulated in float64) and afterwards only where other groups moved: an entry whose other axis's
-  permutation changed at units K gets ``ΔC = A_K (B_new_K − B_old_K)ᵀ``, a matmul over K alone, so
-  late passes, which move few units, cost little (where most units moved, an entry of a group of up
-  to ``_KEEP`` units whose share of the cost is known is recomputed instead, which is cheaper).
-  Entries no other group permutes (biases, norm weights, the first layer's inputs) are multiplied
-  once, into a fixed part of the cost. A small group, where this bookkeeping would cost more than the
-  arithmetic, is recomputed as one matmul of all its entries stacked, the fixed ones included;
-* every LAP is solved on its cost reduced by the row minima and then by the column minima: the same
-  optimal assignment, since a constant per row or per column changes every assignment's total
-  equally, but scipy's shortest-augmenting-path solver then assigns many rows at once (it is 1.09×
-  to 1.32× faster on the benchmark pairs' costs; ``experiments/benchmarks/lap_solves.py``);
+  accumulated in float64) and afterwards only where other groups moved: rows of B whose other axis's
+  permutation changed at units K give ``ΔC = A_K (B_new_K − B_old_K)ᵀ``, a matmul over K alone, so
+  late passes, which move few units, cost little; where most rows moved, the cost is recomputed;
+* a group of up to ``_STACK`` elements (ResNet-20 ×1, the first layers of wider nets) is *stacked*
+  (:class:`_Group`): all its entries side by side, once, in A's ``(n, M)`` and in B's ``(M, n)`` row
+  layout, in an order derived once per spec (:class:`_Layout`, cached on the spec). The other groups'
+  permutations then only reorder whole rows of B, by one index computed in a few numpy operations,
+  and the cost is one gather and one matmul (none but the matmul while they are the identity). At
+  this size the arithmetic is small and every tensor operation's overhead counts: numpy does the
+  index arithmetic and the transposing copies, torch the gather and the matmul, into a buffer numpy
+  reads in place. A larger group (:class:`_LargeGroup`) keeps its entries as they are (views where
+  possible: stacking would copy both models whole), multiplies the entries no other group permutes
+  once, and keeps each other entry's share of the cost (in groups of up to ``_KEEP`` units) to
+  recompute it when most of its units moved;
+* every LAP of a group of at least ``_REDUCE`` units is solved on its cost reduced by the row minima
+  and then by the column minima: the same optimal assignment, since a constant per row or per column
+  changes every assignment's total equally, but scipy's shortest-augmenting-path solver then assigns
+  many rows at once (1.09× to 1.32× faster on the benchmark pairs' costs;
+  ``experiments/benchmarks/lap_solves.py``); for smaller ones the reductions cost more than they save;
 * a group of at least ``_WARM`` units also keeps column prices from its previous solve, refined by
   one Bellman–Ford relaxation against that solve's assignment (they converge to the LAP's duals),
   and its next solve runs on the cost minus these prices (the same optimum again). On a trained
@@ -30,17 +37,20 @@ The algorithm is the reference's; the work is organised to avoid repeating it:
   is re-evaluated exactly, in float64, over the units that move;
 * a group whose cost matrix is unchanged since its last assignment cannot improve, so its assignment
   is skipped (the final "no improvement" pass usually costs nothing).
+
+Inside, permutations are numpy arrays; the result is ``{group: LongTensor}``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from lmc.permutation.apply import Permutation, _expand, apply_permutation, identity_permutation
+from lmc.permutation.apply import Permutation, _expand, apply_permutation
 from lmc.permutation.spec import PermutationSpec
 
 __all__ = ["weight_matching", "matching_objective", "cost_matrices"]
@@ -56,82 +66,270 @@ def matching_objective(
                      for k in keys))
 
 
-@dataclass
+def _f64(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().numpy().astype(np.float64)
+
+
+@dataclass(frozen=True)
 class _Term:
-    """One state-dict entry that a group acts on and another group permutes on another axis."""
+    """Where one state-dict entry a group acts on sits in the group's stacks: rows ``start:stop``.
+
+    The entry, its blocks split, is stored in A's stack with the group's units first, then its other axes
+    flattened in C order, and in B's row stack with the same axes, the group's units last. The group's
+    vectors (biases, norm weights: entries of shape ``(n,)``) are one term of one row each (``keys``; no
+    copy recipes), copied by one stack.
+    """
+
+    keys: tuple[str, ...]
+    start: int
+    stop: int
+    a_copy: tuple | None  # (source shape, its transpose, the stack's view): A's entry into the stack, dims merged
+    b_copy: tuple | None  # the same for B's
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one group's stacks are laid out, and how their rows follow the other groups' permutations: for
+    permutations π, row r of ``π(B)ᵀ`` is B's row ``base[r] + Σ_d π_cat[pos[d, r]]·stride[d, r]``, where
+    ``π_cat`` is the permutations of ``deps`` one after another and a last 0 (for rows with fewer than
+    ``d`` permuted axes). One expression for all rows: the index costs a few array operations a solve,
+    whatever the number of entries."""
+
+    n: int
+    size: int  # M, the rows of the stacks
+    terms: list[_Term]
+    deps: tuple[str, ...]  # the other groups the cost depends on
+    base: np.ndarray  # (M,)
+    pos: np.ndarray  # (D, M) int64
+    stride: np.ndarray  # (D, M) int64
+
+    def index(self, perm: dict[str, np.ndarray]) -> np.ndarray:
+        """B's row of each row of ``π(B)ᵀ`` for ``perm``."""
+        if not self.deps:
+            return self.base
+        cat = np.concatenate([perm[g] for g in self.deps] + [_ZERO])
+        if len(self.pos) == 1:
+            return self.base + cat[self.pos[0]] * self.stride[0]
+        return self.base + (cat[self.pos] * self.stride).sum(0)
+
+
+_ZERO = np.zeros(1, dtype=np.int64)
+
+
+def _plan(spec: PermutationSpec, a: dict, b: dict) -> dict[str, _Layout]:
+    """Every group's :class:`_Layout`. It depends only on the spec and the shapes of the entries present
+    in both dicts, so it is made once per spec and those shapes."""
+    shapes = tuple((k, a[k].shape) for k in spec.axes_to_perm if k in a and k in b)
+    cache = spec.derived.setdefault("weight_matching_layouts", {})
+    if shapes not in cache:
+        layouts = ((g, _layout(spec, g, dict(shapes))) for g in spec.perm_to_axes)
+        cache[shapes] = {g: layout for g, layout in layouts if layout.terms}
+    return cache[shapes]
+
+
+def _layout(spec: PermutationSpec, g: str, shapes: dict) -> _Layout:
+    n, terms, size, vectors, rows = spec.sizes[g], [], 0, [], []  # rows: per term, (base, [(group, pos, stride)])
+    for ref in spec.perm_to_axes[g]:
+        if ref.key not in shapes:
+            continue
+        if shapes[ref.key] == (n,):
+            vectors.append(ref.key)
+            continue
+        shape, inner_axes, dims, axes = [], [], [], spec.axes_to_perm[ref.key]
+        for axis, length in enumerate(shapes[ref.key]):
+            other, block = axes[axis], spec.block(ref.key, axis)
+            if axis == ref.axis:
+                unit = len(shape)
+                length, other = n * block, None  # its blocks, if any, are an inner axis like any other
+            elif other is not None:
+                dims.append((other, len(inner_axes)))
+            shape += [length // block, block] if block > 1 else [length]
+            if axis == ref.axis:
+                inner_axes += [unit + 1] if block > 1 else []
+            else:
+                inner_axes += [len(shape) - 2, len(shape) - 1] if block > 1 else [len(shape) - 1]
+        inner = [shape[i] for i in inner_axes]
+        m = math.prod(inner)
+        r, base, moved = np.arange(m), np.arange(size, size + m), []
+        for other, j in dims:
+            stride = math.prod(inner[j + 1:])
+            unit_of_row = r // stride % inner[j]
+            base = base - unit_of_row * stride
+            moved.append((other, unit_of_row, stride))
+        rows.append((base, moved))
+        terms.append(_Term((ref.key,), size, size + m, _recipe(shape, [[unit], inner_axes]),
+                           _recipe(shape, [[*inner_axes, unit]])))
+        size += m
+    if vectors:
+        rows.append((np.arange(size, size + len(vectors)), []))
+        terms.append(_Term(tuple(vectors), size, size + len(vectors), None, None))
+        size += len(vectors)
+    deps = tuple(sorted({o for _, moved in rows for o, _, _ in moved}))
+    offset = dict(zip(deps, np.cumsum([0] + [spec.sizes[d] for d in deps]).tolist()))
+    depth = max((len(moved) for _, moved in rows), default=0)
+    pos = np.full((depth, size), sum(spec.sizes[d] for d in deps), dtype=np.int64)  # the trailing 0
+    stride = np.zeros((depth, size), dtype=np.int64)
+    base = np.concatenate([b for b, _ in rows]) if rows else np.zeros(0, dtype=np.int64)
+    at = 0
+    for b_rows, moved in rows:
+        for d, (other, unit_of_row, step) in enumerate(moved):
+            pos[d, at:at + len(b_rows)] = offset[other] + unit_of_row
+            stride[d, at:at + len(b_rows)] = step
+        at += len(b_rows)
+    return _Layout(n, size, terms, deps, base, pos, stride)
+
+
+def _recipe(shape: list[int], parts: list[list[int]]) -> tuple:
+    """How to copy an array of ``shape`` into a C-contiguous destination whose axes are ``shape``'s in the
+    order ``parts`` (concatenated; no two parts merge), with as few axes as possible: axes that stay
+    neighbours are merged (numpy and torch copy slowly along short innermost axes, e.g. a 3×3 kernel's).
+    Returns (the source's merged shape, the transpose of it, the destination's merged shape)."""
+    runs = []  # runs of consecutive source axes, in destination order
+    for part in parts:
+        for i, axis in enumerate(part):
+            if i and axis == runs[-1][-1] + 1:
+                runs[-1].append(axis)
+            else:
+                runs.append([axis])
+    by_source = sorted(range(len(runs)), key=lambda r: runs[r][0])
+    sizes = [math.prod(shape[axis] for axis in run) for run in runs]
+    return (tuple(sizes[r] for r in by_source), tuple(by_source.index(r) for r in range(len(runs))), tuple(sizes))
+
+
+class _Group:
+    """One group's cost matrix ``C = A · π(B)ᵀ`` and what it is made of.
+
+    Every entry the group acts on is laid out once, side by side (see :class:`_Layout`): ``a`` is A's
+    ``(n, M)``, the group's units as rows and the entries' other axes flattened into the columns;
+    ``rows`` is B's ``(M, n)`` in the same order, the group's units as columns. The other groups'
+    permutations then only reorder whole rows of ``rows`` (``idx``: the row of B each row of ``π(B)ᵀ``
+    is): a gather of contiguous memory, none at all while they are the identity, and one matmul.
+    Permutations here are numpy arrays.
+    """
+
+    def __init__(self, layout: _Layout, a: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None,
+                 out_np: np.ndarray | None = None):
+        self.layout, self.n, self.a, self.rows, self.deps = layout, layout.n, a, rows, layout.deps
+        self.idx: np.ndarray | None = None  # B's rows of π(B)ᵀ for the permutations of the last cost
+        self.cost: np.ndarray | None = None  # (n, n) float64 for those permutations
+        # on the CPU, matmuls write into an (n, n) buffer that numpy reads without a conversion per product
+        self.out, self.out_np = out, out_np
+
+    def current_cost(self, perm: dict[str, np.ndarray], identity: frozenset | set = frozenset()) -> np.ndarray:
+        """The cost for ``perm`` (``identity``: groups whose permutation is known to be the identity).
+        Computed in full on first use, or when more than ``_PART`` of the rows moved since; otherwise
+        updated over the moved rows K: ``ΔC = A_K (B_new_K − B_old_K)ᵀ``, a matmul over K alone."""
+        idx = self.layout.index(perm)
+        if self.cost is not None:
+            k = np.flatnonzero(idx != self.idx)
+            if len(k) <= _PART * len(idx):
+                if len(k):
+                    rows = self.rows
+                    diff = rows.index_select(0, self._on(idx[k])) - rows.index_select(0, self._on(self.idx[k]))
+                    self.cost += self._product(self.a.index_select(1, self._on(k)), diff)
+                self.idx = idx
+                return self.cost
+        self.idx = idx
+        identical = all(g in identity for g in self.deps)
+        product = self._product(self.a, self.rows if identical else self.permuted_bt(idx))
+        self.cost = product.astype(np.float64) if product is self.out_np else product
+        return self.cost
+
+    def exact_gain(self, perm: dict[str, np.ndarray], rows: np.ndarray, new: np.ndarray, old: np.ndarray) -> float:
+        """``Σ_{i∈rows} C[i, new_i] − C[i, old_i]`` computed afresh in float64 (only the moving units)."""
+        bt = self.permuted_bt(self.layout.index(perm))
+        diff = bt.index_select(1, self._on(new[rows])).double() - bt.index_select(1, self._on(old[rows])).double()
+        return float((self.a.index_select(0, self._on(rows)).double() * diff.T).sum())
+
+    def permuted_bt(self, idx: np.ndarray) -> torch.Tensor:
+        """``π(B)ᵀ`` as ``(M, n)``, for B's rows ``idx``."""
+        return self.rows.index_select(0, self._on(idx))
+
+    def _on(self, idx: np.ndarray) -> torch.Tensor:
+        idx = torch.from_numpy(idx)
+        return idx if self.out is not None else idx.to(self.rows.device)
+
+    def _product(self, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+        """``a @ b`` as numpy: on the CPU, the group's buffer (valid until the next product); else float64."""
+        if self.out is None:
+            return (a @ b).double().cpu().numpy()
+        torch.mm(a, b, out=self.out)
+        return self.out_np
+
+
+_PART = 0.5  # a cost is updated over the moved rows if at most this fraction of them moved
+
+
+@dataclass
+class _Entry:
+    """(A large group's) state-dict entry that the group acts on and other groups permute on other axes."""
 
     a: torch.Tensor  # (n, *rest): A's entry with the group's axis (n blocks) first, other axes unflattened
     b: torch.Tensor  # (n, *rest): the same for B
     others: list[tuple[int, str, int]]  # (axis in a/b, group, block) of the other permuted axes
-    used: list[torch.Tensor] | None = None  # the other groups' permutations the group's cost reflects
-    cost: torch.Tensor | None = None  # this term's share of that cost, while known (see _Group.current_cost)
+    used: list[np.ndarray] | None = None  # the other groups' permutations the group's cost reflects
+    cost: np.ndarray | None = None  # this entry's share of that cost, while known (see _LargeGroup.current_cost)
 
-    def full(self, perm: Permutation, n: int) -> torch.Tensor:
-        """Its share of the cost for ``perm``, computed in full (float64, on CPU)."""
-        return (self.a.reshape(n, -1) @ _permuted_b(self, perm).reshape(n, -1).T).double().cpu()
+    def full(self, perm: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """Its share of the cost for ``perm``, computed in full (float64)."""
+        return _f64(self.a.reshape(n, -1) @ self.permuted_b(perm).reshape(n, -1).T)
 
-    def update(self, old: torch.Tensor, new: torch.Tensor, units: torch.Tensor, n: int) -> torch.Tensor:
+    def update(self, old: np.ndarray, new: np.ndarray, units: np.ndarray, n: int) -> np.ndarray:
         """The change of its share when its one other axis's permutation goes from ``old`` to ``new``:
         ``A_K (B_new_K − B_old_K)ᵀ`` over the units K where they differ."""
         (axis, _, block), dev = self.others[0], self.b.device
-        a_k = self.a.index_select(axis, _expand(units, block).to(dev)).reshape(n, -1)
-        b_new = self.b.index_select(axis, _expand(new[units], block).to(dev)).reshape(n, -1)
-        b_old = self.b.index_select(axis, _expand(old[units], block).to(dev)).reshape(n, -1)
-        return (a_k @ (b_new - b_old).T).cpu()  # added in place to a float64 cost
+        a_k = self.a.index_select(axis, _units(units, block, dev)).reshape(n, -1)
+        b_new = self.b.index_select(axis, _units(new[units], block, dev)).reshape(n, -1)
+        b_old = self.b.index_select(axis, _units(old[units], block, dev)).reshape(n, -1)
+        return _f64(a_k @ (b_new - b_old).T)
+
+    def permuted_b(self, perm: dict[str, np.ndarray], rows: np.ndarray | None = None) -> torch.Tensor:
+        """B's entry (its ``rows`` only, if given) with every other permuted axis permuted by ``perm``."""
+        wb = self.b if rows is None else self.b.index_select(0, _units(rows, 1, self.b.device))
+        for axis, other, block in self.others:
+            wb = wb.index_select(axis, _units(perm[other], block, wb.device))
+        return wb
 
 
-@dataclass
-class _Group:
-    """Everything one group's cost matrix is made of, and that matrix for the permutations last seen."""
+def _units(p: np.ndarray, block: int, dev: torch.device) -> torch.Tensor:
+    return _expand(torch.from_numpy(p), block).to(dev)
 
-    n: int
-    fixed: list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) as (n, m) of entries no other group permutes
-    terms: list[_Term]
-    deps: list[str]  # the other groups its cost depends on
-    fixed_cost: torch.Tensor | None = None  # a large group's fixed entries' share: (n, n) float64 on CPU
-    small: bool | None = None  # recomputed in one matmul each time (bookkeeping would cost more)
-    stacked_a: torch.Tensor | None = None  # a small group's A, terms then fixed entries side by side: (n, M)
-    fixed_b: list[torch.Tensor] | None = None  # a small group's fixed B entries side by side (none or one)
-    cost: torch.Tensor | None = None  # a large group's (n, n) cost, kept up to date (float64, CPU)
 
-    def current_cost(self, perm: Permutation) -> torch.Tensor:
-        """The cost for ``perm``. A small group's cost is recomputed as one matmul of its stacked entries,
-        the fixed ones included. A large group's fixed entries are multiplied once, and its terms computed
-        in full on first use and afterwards only where other groups moved: a term with one other permuted
-        axis is updated over the moved units, unless more than ``_PART`` of them moved and its share of
-        the cost is known (kept from its last full computation in groups of up to ``_KEEP`` units, where
-        it costs little memory), in which case it is recomputed; a term with several is recomputed."""
+class _LargeGroup:
+    """A group too large to stack (more than ``_STACK`` elements): its entries are kept as they are (views
+    where possible), its fixed entries multiplied once, and each other entry's share of the cost computed
+    in full on first use and afterwards only where other groups moved: an entry with one other permuted
+    axis is updated over the moved units, unless more than ``_PART`` of them moved and its share of the
+    cost is known (kept in groups of up to ``_KEEP`` units), in which case it is recomputed; an entry with
+    several is recomputed. At this size the arithmetic outweighs the operations' overhead, and stacking
+    would copy both models whole."""
+
+    def __init__(self, n: int, fixed: list[tuple[torch.Tensor, torch.Tensor]], terms: list[_Entry]):
+        self.n, self.fixed, self.terms = n, fixed, terms
+        self.deps = sorted({o for t in terms for _, o, _ in t.others})
+        self.cost: np.ndarray | None = None  # (n, n) float64, kept up to date
+
+    def current_cost(self, perm: dict[str, np.ndarray], identity: frozenset | set = frozenset()) -> np.ndarray:
         n = self.n
-        if self.small is None:
-            self.small = sum(t.a.numel() for t in self.terms) * n <= _SMALL
-            if self.small:  # the fixed entries go last, as columns that are never permuted
-                self.stacked_a = torch.cat([t.a.reshape(n, -1) for t in self.terms] + [a for a, _ in self.fixed], 1)
-                self.fixed_b = [torch.cat([b for _, b in self.fixed], 1)] if self.fixed else []
-            else:
-                self.fixed_cost = torch.zeros(n, n, dtype=torch.float64)
-                if self.fixed:
-                    a, b = (torch.cat(x, 1) for x in zip(*self.fixed))
-                    self.fixed_cost += (a @ b.T).double().cpu()
-        if self.small:
-            bs = [_permuted_b(t, perm).reshape(n, -1) for t in self.terms] + self.fixed_b
-            return (self.stacked_a @ (bs[0] if len(bs) == 1 else torch.cat(bs, 1)).T).double().cpu()
         if self.cost is None:
-            self.cost = self.fixed_cost.clone()
+            self.cost = np.zeros((n, n))
+            if self.fixed:
+                a, b = (torch.cat(x, 1) for x in zip(*self.fixed))
+                self.cost += _f64(a @ b.T)
             for t in self.terms:
                 c = t.full(perm, n)
                 self.cost += c
                 t.used = [perm[o] for _, o, _ in t.others]
-                if len(t.others) > 1 or n <= _KEEP:
-                    t.cost = c
+                t.cost = c if len(t.others) > 1 or n <= _KEEP else None
             return self.cost
         for t in self.terms:
             now = [perm[o] for _, o, _ in t.others]
             if all(p is q for p, q in zip(now, t.used)):
                 continue
-            units = torch.nonzero(t.used[0] != now[0]).flatten() if len(now) == 1 else None
+            units = np.flatnonzero(t.used[0] != now[0]) if len(now) == 1 else None
             if units is not None and (t.cost is None or len(units) <= _PART * len(now[0])):
                 self.cost += t.update(t.used[0], now[0], units, n)
-                t.cost = None  # no longer this term's share
+                t.cost = None  # no longer this entry's share
             else:
                 c = t.full(perm, n)
                 self.cost += c - t.cost
@@ -139,78 +337,123 @@ class _Group:
             t.used = now
         return self.cost
 
+    def exact_gain(self, perm: dict[str, np.ndarray], rows: np.ndarray, new: np.ndarray, old: np.ndarray) -> float:
+        """``Σ_{i∈rows} C[i, new_i] − C[i, old_i]`` computed afresh in float64 (only the moving units)."""
+        gain = 0.0
+        for a, b, t in [(a, b, None) for a, b in self.fixed] + [(t.a, t.b, t) for t in self.terms]:
+            a = a.index_select(0, _units(rows, 1, a.device)).double().reshape(len(rows), -1)
+            if t is None:
+                dev = b.device
+                diff = b.index_select(0, _units(new[rows], 1, dev)).double() - b.index_select(
+                    0, _units(old[rows], 1, dev)).double()
+            else:
+                diff = t.permuted_b(perm, new[rows]).double() - t.permuted_b(perm, old[rows]).double()
+            gain += float((a * diff.reshape(len(rows), -1)).sum())
+        return gain
 
-_PART = 0.5  # a term is updated over the moved units if at most this fraction of them moved
-_KEEP = 128  # groups up to this size keep each term's share of the cost, to recompute it instead
-_SMALL = 1 << 22  # multiply-adds up to which a group's cost is recomputed rather than updated
+
+def _large_group(spec: PermutationSpec, g: str, a: dict, b: dict, dtype: torch.dtype) -> _LargeGroup:
+    n, fixed, terms = spec.sizes[g], [], []
+    for ref in spec.perm_to_axes[g]:
+        if ref.key not in a or ref.key not in b:
+            continue
+        wa, wb = a[ref.key].detach(), b[ref.key].detach()
+        if wa.dtype != dtype:
+            wa, wb = wa.to(dtype), wb.to(dtype)
+        others = [(axis + 1 if axis < ref.axis else axis, other, spec.block(ref.key, axis))
+                  for axis, other in enumerate(spec.axes_to_perm[ref.key]) if other is not None and axis != ref.axis]
+        if ref.axis:
+            wa, wb = wa.movedim(ref.axis, 0), wb.movedim(ref.axis, 0)
+        if not others:
+            fixed.append((wa.reshape(n, -1), wb.reshape(n, -1)))
+            continue
+        if spec.block(ref.key, ref.axis) > 1:
+            wa, wb = wa.reshape(n, -1, *wa.shape[1:]), wb.reshape(n, -1, *wb.shape[1:])
+            others = [(axis + 1, other, blk) for axis, other, blk in others]
+        terms.append(_Entry(wa.contiguous(), wb.contiguous(), others))
+    return _LargeGroup(n, fixed, terms)
 
 
-def _groups(spec: PermutationSpec, a: dict, b: dict, dtype: torch.dtype) -> dict[str, _Group]:
+_KEEP = 128  # large groups up to this size keep each entry's share of the cost, to recompute it instead
+_STACK = 1 << 18  # groups whose stacks have up to this many elements are stacked (see _Group)
+
+
+def _groups(spec: PermutationSpec, a: dict, b: dict, dtype: torch.dtype) -> dict[str, _Group | _LargeGroup]:
     groups = {}
-    for g, refs in spec.perm_to_axes.items():
-        n, fixed, terms = spec.sizes[g], [], []
-        for ref in refs:
-            if ref.key not in a or ref.key not in b:
-                continue
-            wa, wb = a[ref.key], b[ref.key]
-            if wa.dtype != dtype:
-                wa, wb = wa.to(dtype), wb.to(dtype)
-            others = [(axis + 1 if axis < ref.axis else axis, other, spec.block(ref.key, axis))
-                      for axis, other in enumerate(spec.axes_to_perm[ref.key])
-                      if other is not None and axis != ref.axis]
-            if ref.axis:
-                wa, wb = wa.movedim(ref.axis, 0), wb.movedim(ref.axis, 0)
-            if not others:
-                fixed.append((wa.reshape(n, -1), wb.reshape(n, -1)))
-                continue
-            if spec.block(ref.key, ref.axis) > 1:
-                wa, wb = wa.reshape(n, -1, *wa.shape[1:]), wb.reshape(n, -1, *wb.shape[1:])
-                others = [(axis + 1, other, blk) for axis, other, blk in others]
-            terms.append(_Term(wa.contiguous(), wb.contiguous(), others))
-        if fixed or terms:
-            groups[g] = _Group(n, fixed, terms, sorted({o for t in terms for _, o, _ in t.others}))
-    return groups
-
-
-def _permuted_b(term: _Term, perm: Permutation, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """B's entry (its ``rows`` only, if given) with every other permuted axis permuted by ``perm``."""
-    wb = term.b if rows is None else term.b.index_select(0, rows.to(term.b.device))
-    for axis, other, block in term.others:
-        wb = wb.index_select(axis, _expand(perm[other], block).to(wb.device))
-    return wb
-
-
-def _exact_gain(group: _Group, perm: Permutation, rows: torch.Tensor, new: torch.Tensor,
-                old: torch.Tensor) -> float:
-    """``Σ_{i∈rows} C[i, new_i] − C[i, old_i]`` computed afresh in float64 (only the moving units)."""
-    gain = 0.0
-    pairs = [(a, b, None) for a, b in group.fixed] + [(t.a, t.b, t) for t in group.terms]
-    for a, b, t in pairs:
-        a = a.index_select(0, rows.to(a.device)).double().reshape(len(rows), -1)
-        if t is None:
-            dev = b.device
-            diff = b.index_select(0, new[rows].to(dev)).double() - b.index_select(0, old[rows].to(dev)).double()
+    plans = {}
+    for g, layout in _plan(spec, a, b).items():
+        if layout.n * layout.size <= _STACK:
+            plans[g] = layout
         else:
-            diff = _permuted_b(t, perm, new[rows]).double() - _permuted_b(t, perm, old[rows]).double()
-        gain += float((a * diff.reshape(len(rows), -1)).sum())
-    return gain
+            groups[g] = _large_group(spec, g, a, b, dtype)
+    keys = {k for layout in plans.values() for t in layout.terms for k in t.keys}
+    a, b = ({k: d[k].detach() if d[k].requires_grad else d[k] for k in keys} for d in (a, b))
+    dev = next(iter(a.values())).device if a else torch.device("cpu")
+    host = dev.type == "cpu" and dtype in _NUMPY
+    if host:  # numpy's reshapes and transposing copies cost a fraction of torch's on small arrays
+        try:
+            a, b = ({k: x.numpy() for k, x in d.items()} for d in (a, b))
+        except TypeError:  # a dtype numpy lacks (bfloat16): torch copies
+            host = False
+    products = {}  # n -> the (n, n) buffer CPU matmuls write into (a group reads it before the next product)
+    for g, layout in plans.items():
+        n, size, terms = layout.n, layout.size, layout.terms
+        # allocated by torch: numpy's allocations of this size page-fault afresh on every call, 10x slower
+        a_stack, rows = torch.empty(n, size, dtype=dtype, device=dev), torch.empty(size, n, dtype=dtype, device=dev)
+        dst_a, dst_rows = (a_stack.numpy(), rows.numpy()) if host else (a_stack, rows)
+        for t in terms:
+            if t.a_copy is None:  # the vectors, one row each
+                _stack(dst_a[:, t.start:t.stop], [a[k] for k in t.keys], 1)
+                _stack(dst_rows[t.start:t.stop], [b[k] for k in t.keys], 0)
+            else:
+                _copy(dst_a[:, t.start:t.stop], a[t.keys[0]], t.a_copy)
+                _copy(dst_rows[t.start:t.stop], b[t.keys[0]], t.b_copy)
+        if n not in products and host:
+            out = torch.empty(n, n, dtype=dtype)
+            products[n] = out, out.numpy()
+        groups[g] = _Group(layout, a_stack, rows, *products.get(n, (None, None)))
+    return {g: groups[g] for g in spec.perm_to_axes if g in groups}
+
+
+def _copy(dst, src, recipe: tuple) -> None:
+    """Copy ``src`` into ``dst`` (numpy arrays or tensors) as ``recipe`` says (see :func:`_recipe`)."""
+    shape, order, view = recipe
+    if isinstance(dst, np.ndarray):
+        dst.shape = view  # raises if it cannot be a view
+        np.copyto(dst, src.reshape(shape).transpose(order))
+    else:
+        dst.view(view).copy_(src.reshape(shape).permute(order))
+
+
+def _stack(dst, parts: list, axis: int) -> None:
+    if isinstance(dst, np.ndarray):
+        np.stack(parts, axis, out=dst)
+    else:
+        dst.copy_(torch.stack(parts, axis))
+
+
+_NUMPY = (torch.float32, torch.float64)
 
 
 _WARM = 128  # groups at least this large carry column prices from one assignment to the next
+_REDUCE = 48  # groups at least this large reduce their costs before the solve (smaller ones gain less)
 
 
 def _assign(cost: np.ndarray, prices: np.ndarray | None = None, relax: bool = False):
     """The max-weight assignment of ``cost``, and (if ``relax``) refined column prices for the next solve.
 
-    The solve minimises ``k = −cost − prices`` (the same optimum), reduced by its row minima and then
-    by its column minima (the same optimum again), which lets the shortest-augmenting-path solver
-    assign many rows at once. One Bellman–Ford relaxation over the assignment found moves the prices
-    toward LAP duals of this cost: ``p_j += min_i k_ij − k_i,col_i``.
+    The solve minimises ``k = −cost − prices`` (the same optimum); from ``_REDUCE`` units on, reduced by
+    its row minima and then by its column minima (the same optimum again), which lets the
+    shortest-augmenting-path solver assign many rows at once. One Bellman–Ford relaxation over the
+    assignment found moves the prices toward LAP duals of this cost: ``p_j += min_i k_ij − k_i,col_i``.
     """
     gain = cost if prices is None else cost + prices  # −k
-    reduced = gain.max(1, keepdims=True) - gain
-    reduced -= reduced.min(0)
-    _, col = linear_sum_assignment(reduced)
+    if len(cost) < _REDUCE:
+        _, col = linear_sum_assignment(gain, maximize=True)
+    else:
+        reduced = gain.max(1, keepdims=True) - gain
+        reduced -= reduced.min(0)
+        _, col = linear_sum_assignment(reduced)
     if not relax:
         return col, None
     step = (gain[np.arange(len(col)), col][:, None] - gain).min(0)
@@ -224,7 +467,9 @@ def cost_matrices(
 ) -> dict[str, torch.Tensor]:
     """Every group's ``(n, n)`` weight-matching cost ``C[i, j]`` = similarity of A's unit i and B's unit j,
     with the other groups permuted by ``perm`` (float64, on CPU)."""
-    return {g: group.current_cost(perm) for g, group in _groups(spec, params_a, params_b, dtype).items()}
+    perm = {g: p.cpu().numpy() for g, p in perm.items()}
+    return {g: torch.from_numpy(group.current_cost(perm).copy())
+            for g, group in _groups(spec, params_a, params_b, dtype).items()}
 
 
 @torch.no_grad()
@@ -250,8 +495,11 @@ def weight_matching(
     Returns ``{group: LongTensor}``; apply it to B with :func:`lmc.apply_permutation`.
     """
     groups = _groups(spec, params_a, params_b, dtype)
-    perm = identity_permutation(spec) if init_perm is None else {g: p.clone().cpu() for g, p in init_perm.items()}
+    perm = ({g: np.arange(n) for g, n in spec.sizes.items()} if init_perm is None
+            else {g: p.cpu().numpy().astype(np.int64) for g, p in init_perm.items()})
     names = [g for g in spec.perm_to_axes if g in groups]
+    # groups still at the identity: their terms need no gather
+    identity = {g for g, p in perm.items() if init_perm is None or np.array_equal(p, np.arange(len(p)))}
     version = dict.fromkeys(spec.sizes, 0)  # bumped whenever a group's permutation changes
     solved_at: dict[str, tuple[int, ...]] = {}  # versions of a group's deps at its last assignment
     prices: dict[str, np.ndarray] = {} if warm_start is None else warm_start
@@ -265,23 +513,24 @@ def weight_matching(
             state = tuple(version[o] for o in group.deps)
             if solved_at.get(g) == state:
                 continue  # same cost matrix as at this group's last assignment: no improvement possible
-            c = group.current_cost(perm).numpy()
+            c = group.current_cost(perm, identity)
             col, new_prices = _assign(c, prices.get(g), relax=group.n >= _WARM)
             if new_prices is not None:
                 prices[g] = new_prices
             solved_at[g] = state
-            current = perm[g].numpy()
+            current = perm[g]
             rows = np.flatnonzero(col != current)
             if not len(rows):
                 continue
             gain = c[rows, col[rows]].sum() - c[rows, current[rows]].sum()
             scale = max(1.0, max(c.max(), -c.min()) * len(col))
             if gain <= 1e-5 * scale:  # within rounding of the kept costs: evaluate the move exactly
-                gain = _exact_gain(group, perm, torch.from_numpy(rows), torch.from_numpy(col), perm[g])
+                gain = group.exact_gain(perm, rows, col, current)
             if gain > 1e-12 * scale:
                 progress = True
-                perm[g] = torch.from_numpy(col).long()
+                perm[g] = col.astype(np.int64)
                 version[g] += 1
+                identity.discard(g)
         if not progress:
             break
-    return perm
+    return {g: torch.from_numpy(p) for g, p in perm.items()}
