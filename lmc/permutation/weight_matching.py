@@ -43,6 +43,7 @@ Inside, permutations are numpy arrays; the result is ``{group: LongTensor}``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -157,8 +158,9 @@ def _layout(spec: PermutationSpec, g: str, shapes: dict) -> _Layout:
             base = base - unit_of_row * stride
             moved.append((other, unit_of_row, stride))
         rows.append((base, moved))
-        terms.append(_Term((ref.key,), size, size + m, _recipe(shape, [[unit], inner_axes]),
-                           _recipe(shape, [[*inner_axes, unit]])))
+        shape, inner_axes = tuple(shape), tuple(inner_axes)
+        terms.append(_Term((ref.key,), size, size + m, _recipe(shape, ((unit,), inner_axes)),
+                           _recipe(shape, ((*inner_axes, unit),))))
         size += m
     if vectors:
         rows.append((np.arange(size, size + len(vectors)), []))
@@ -179,7 +181,8 @@ def _layout(spec: PermutationSpec, g: str, shapes: dict) -> _Layout:
     return _Layout(n, size, terms, deps, base, pos, stride)
 
 
-def _recipe(shape: list[int], parts: list[list[int]]) -> tuple:
+@functools.lru_cache(maxsize=1024)
+def _recipe(shape: tuple[int, ...], parts: tuple[tuple[int, ...], ...]) -> tuple:
     """How to copy an array of ``shape`` into a C-contiguous destination whose axes are ``shape``'s in the
     order ``parts`` (concatenated; no two parts merge), with as few axes as possible: axes that stay
     neighbours are merged (numpy and torch copy slowly along short innermost axes, e.g. a 3×3 kernel's).
