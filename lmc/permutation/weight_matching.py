@@ -43,7 +43,6 @@ Inside, permutations are numpy arrays; the result is ``{group: LongTensor}``.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -123,12 +122,13 @@ def _plan(spec: PermutationSpec, a: dict, b: dict) -> dict[str, _Layout]:
     shapes = tuple((k, a[k].shape) for k in spec.axes_to_perm if k in a and k in b)
     cache = spec.derived.setdefault("weight_matching_layouts", {})
     if shapes not in cache:
-        layouts = ((g, _layout(spec, g, dict(shapes))) for g in spec.perm_to_axes)
+        memo = {}  # entries of one shape share their place in the stacks (see _entry_layout)
+        layouts = ((g, _layout(spec, g, dict(shapes), memo)) for g in spec.perm_to_axes)
         cache[shapes] = {g: layout for g, layout in layouts if layout.terms}
     return cache[shapes]
 
 
-def _layout(spec: PermutationSpec, g: str, shapes: dict) -> _Layout:
+def _layout(spec: PermutationSpec, g: str, shapes: dict, memo: dict) -> _Layout:
     n, terms, size, vectors, rows = spec.sizes[g], [], 0, [], []  # rows: per term, (base, [(group, pos, stride)])
     for ref in spec.perm_to_axes[g]:
         if ref.key not in shapes:
@@ -136,31 +136,15 @@ def _layout(spec: PermutationSpec, g: str, shapes: dict) -> _Layout:
         if shapes[ref.key] == (n,):
             vectors.append(ref.key)
             continue
-        shape, inner_axes, dims, axes = [], [], [], spec.axes_to_perm[ref.key]
-        for axis, length in enumerate(shapes[ref.key]):
-            other, block = axes[axis], spec.block(ref.key, axis)
-            if axis == ref.axis:
-                unit = len(shape)
-                length, other = n * block, None  # its blocks, if any, are an inner axis like any other
-            elif other is not None:
-                dims.append((other, len(inner_axes)))
-            shape += [length // block, block] if block > 1 else [length]
-            if axis == ref.axis:
-                inner_axes += [unit + 1] if block > 1 else []
-            else:
-                inner_axes += [len(shape) - 2, len(shape) - 1] if block > 1 else [len(shape) - 1]
-        inner = [shape[i] for i in inner_axes]
-        m = math.prod(inner)
-        r, base, moved = np.arange(m), np.arange(size, size + m), []
-        for other, j in dims:
-            stride = math.prod(inner[j + 1:])
-            unit_of_row = r // stride % inner[j]
-            base = base - unit_of_row * stride
-            moved.append((other, unit_of_row, stride))
-        rows.append((base, moved))
-        shape, inner_axes = tuple(shape), tuple(inner_axes)
-        terms.append(_Term((ref.key,), size, size + m, _recipe(shape, ((unit,), inner_axes)),
-                           _recipe(shape, ((*inner_axes, unit),))))
+        axes = spec.axes_to_perm[ref.key]
+        others = [other for axis, other in enumerate(axes) if other is not None and axis != ref.axis]
+        key = (shapes[ref.key], ref.axis, n, tuple(spec.block(ref.key, axis) for axis in range(len(axes))),
+               tuple(other is not None and axis != ref.axis for axis, other in enumerate(axes)))
+        if key not in memo:
+            memo[key] = _entry_layout(*key)
+        a_copy, b_copy, m, base, units = memo[key]
+        rows.append((base + size, [(other, unit, stride) for other, (unit, stride) in zip(others, units)]))
+        terms.append(_Term((ref.key,), size, size + m, a_copy, b_copy))
         size += m
     if vectors:
         rows.append((np.arange(size, size + len(vectors)), []))
@@ -181,7 +165,36 @@ def _layout(spec: PermutationSpec, g: str, shapes: dict) -> _Layout:
     return _Layout(n, size, terms, deps, base, pos, stride)
 
 
-@functools.lru_cache(maxsize=1024)
+def _entry_layout(shape: tuple[int, ...], axis: int, n: int, blocks: tuple[int, ...], permuted: tuple[bool, ...]):
+    """One entry's place in its group's stacks, from its shape and which of its other axes other groups
+    permute (it depends on nothing else, so entries of one shape share it): its copy recipes into A's and
+    B's stacks, its rows M, each row's B row with every permuted axis at unit 0 (from row 0), and per
+    permuted axis each row's unit of it and that axis's stride."""
+    split, inner_axes, dims = [], [], []
+    for ax, length in enumerate(shape):
+        block = blocks[ax]
+        if ax == axis:
+            unit = len(split)
+            length = n * block  # its blocks, if any, are an inner axis like any other
+        elif permuted[ax]:
+            dims.append(len(inner_axes))
+        split += [length // block, block] if block > 1 else [length]
+        if ax == axis:
+            inner_axes += [unit + 1] if block > 1 else []
+        else:
+            inner_axes += [len(split) - 2, len(split) - 1] if block > 1 else [len(split) - 1]
+    inner = [split[i] for i in inner_axes]
+    m = math.prod(inner)
+    r, base, units = np.arange(m), np.arange(m), []
+    for j in dims:
+        stride = math.prod(inner[j + 1:])
+        unit_of_row = r // stride % inner[j]
+        base = base - unit_of_row * stride
+        units.append((unit_of_row, stride))
+    split, inner_axes = tuple(split), tuple(inner_axes)
+    return (_recipe(split, ((unit,), inner_axes)), _recipe(split, ((*inner_axes, unit),)), m, base, units)
+
+
 def _recipe(shape: tuple[int, ...], parts: tuple[tuple[int, ...], ...]) -> tuple:
     """How to copy an array of ``shape`` into a C-contiguous destination whose axes are ``shape``'s in the
     order ``parts`` (concatenated; no two parts merge), with as few axes as possible: axes that stay
