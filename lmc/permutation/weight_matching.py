@@ -228,7 +228,8 @@ class _Group:
         self.layout, self.n, self.a, self.rows, self.deps = layout, layout.n, a, rows, layout.deps
         self.idx: np.ndarray | None = None  # B's rows of π(B)ᵀ for the permutations of the last cost
         self.cost: np.ndarray | None = None  # (n, n) float64 for those permutations
-        # on the CPU, matmuls write into an (n, n) buffer that numpy reads without a conversion per product
+        # on the CPU, matmuls write into an (n, n) buffer (shared by the groups of this size) that numpy reads
+        # without a conversion per product
         self.out, self.out_np = out, out_np
 
     def current_cost(self, perm: dict[str, np.ndarray], identity: frozenset | set = frozenset()) -> np.ndarray:
@@ -266,7 +267,8 @@ class _Group:
         return idx if self.out is not None else idx.to(self.rows.device)
 
     def _product(self, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-        """``a @ b`` as numpy: on the CPU, the group's buffer (valid until the next product); else float64."""
+        """``a @ b`` as numpy: on the CPU, the ``(n, n)`` buffer the groups of this size share (valid until the
+        next product, so read at once); elsewhere a float64 copy."""
         if self.out is None:
             return (a @ b).double().cpu().numpy()
         torch.mm(a, b, out=self.out)
