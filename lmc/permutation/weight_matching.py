@@ -129,7 +129,7 @@ def _plan(spec: PermutationSpec, a: dict, b: dict) -> dict[str, _Layout]:
 
 
 def _layout(spec: PermutationSpec, g: str, shapes: dict, memo: dict) -> _Layout:
-    n, terms, size, vectors, rows = spec.sizes[g], [], 0, [], []  # rows: per term, (base, [(group, pos, stride)])
+    n, terms, size, vectors, rows = spec.sizes[g], [], 0, [], []  # rows: per term, (base, [(group, unit, stride)])
     for ref in spec.perm_to_axes[g]:
         if ref.key not in shapes:
             continue
