@@ -1,8 +1,21 @@
 """lmc: linear mode connectivity experiments.
 
-The stages of ``python -m lmc.run`` as plain functions, usable without Hydra::
+The package is built in layers, each importing only the ones below it:
 
-    spec = lmc.permutation_spec(model_a, example_batch)
+1. ``lmc.errors``, ``lmc.io``, ``lmc.settings`` — errors, atomic file I/O, typed settings from mappings;
+2. ``lmc.core`` — tensors, modules and state dicts: data, models, training, permutation specs and
+   alignment methods, interpolation, barriers, normalisation corrections (usable from a notebook);
+3. ``lmc.stages`` (cached units: trained endpoints, alignments, curves, through the run store) and
+   ``lmc.report`` (results files, plots, tracking);
+4. ``lmc.studies`` — one module per study over the stages;
+5. entry points — ``python -m lmc.run``, ``lmc.figures``, ``lmc.collect``, ``lmc.data``.
+
+The core as plain functions, without Hydra::
+
+    data = lmc.load_dataset("mnist1d")
+    model_a = lmc.seeded_init(lambda: lmc.build_model("mlp", data.input_shape, data.num_classes), 0)
+    lmc.train(model_a, data, lmc.TrainConfig(epochs=30), data_seed=0)
+    spec = lmc.permutation_spec(model_a, data.x_train[:2])
     perm = lmc.weight_matching(spec, params_a, params_b)
     aligned_b = lmc.apply_permutation(spec, perm, model_b.state_dict())
 
@@ -11,9 +24,11 @@ model_b, batches)``, ``lmc.ste(spec, model, sd_a, sd_b, batches)``, ``lmc.sinkho
 sd_b, batches)``; several models: ``lmc.align_to_reference``, ``lmc.merge_many``, ``lmc.pairwise_barriers``.
 """
 
-from lmc.barriers import barrier, barriers_from_curves, frankle_barrier, layerwise_barriers, midpoint_barrier
-from lmc.interpolation import layerwise_sweep, lerp_state, sweep
-from lmc.permutation import (
+from lmc.core.barriers import barrier, barriers_from_curves, frankle_barrier, layerwise_barriers, midpoint_barrier
+from lmc.core.data import Dataset, load_dataset
+from lmc.core.interpolation import alpha_grid, layerwise_sweep, lerp_state, pairwise_barriers, sweep
+from lmc.core.models import build_model
+from lmc.core.permutation import (
     PermutationSpec,
     UnsupportedOperationError,
     activation_matching,
@@ -22,37 +37,45 @@ from lmc.permutation import (
     invert_permutation,
     matching_objective,
     merge_many,
-    pairwise_barriers,
     permutation_spec,
     random_permutation,
     sinkhorn,
     ste,
     weight_matching,
 )
+from lmc.core.training import TrainConfig, evaluate, seeded_init, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Dataset",
     "PermutationSpec",
+    "TrainConfig",
     "UnsupportedOperationError",
     "activation_matching",
     "align_to_reference",
+    "alpha_grid",
     "apply_permutation",
     "barrier",
     "barriers_from_curves",
+    "build_model",
+    "evaluate",
     "frankle_barrier",
     "invert_permutation",
     "layerwise_barriers",
     "layerwise_sweep",
     "lerp_state",
+    "load_dataset",
     "matching_objective",
     "merge_many",
     "midpoint_barrier",
     "pairwise_barriers",
     "permutation_spec",
     "random_permutation",
+    "seeded_init",
     "sinkhorn",
     "ste",
     "sweep",
+    "train",
     "weight_matching",
 ]

@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from lmc.results import atomic_write
-from lmc.tracking import flatten
+from lmc.io import atomic_write
+from lmc.report.tracking import flatten
 
 __all__ = ["collect", "job_row", "main"]
 

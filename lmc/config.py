@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lmc.alignment import ALIGN_METHODS
-from lmc.data import DATASETS
+from lmc.core.alignment import ALIGN_METHODS
+from lmc.core.data import DATASETS
+from lmc.core.models import MODELS
 from lmc.errors import ConfigError
-from lmc.models import MODELS
 
 __all__ = ["DEVICES", "check_choices", "check_group_choices", "check_seeds", "resolve_device"]
 

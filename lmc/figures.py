@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 from lmc.collect import collect
-from lmc.plotting import plot_run, plot_sweep
-from lmc.results import read_curves, read_results
+from lmc.io import read_curves
+from lmc.report.plotting import plot_run, plot_sweep
+from lmc.report.results import read_results
 
 __all__ = ["main", "sweep_points"]
 

@@ -28,21 +28,22 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lmc.alignment import align, align_many, check_merge
-from lmc.barriers import barriers_from_curves, layerwise_barriers
 from lmc.config import check_choices, check_group_choices, check_seeds, resolve_device
-from lmc.data import Dataset, from_options, split_pair
-from lmc.diagnostics import alignment_diagnostics
+from lmc.core.alignment import align, align_many, check_merge
+from lmc.core.barriers import barriers_from_curves, layerwise_barriers
+from lmc.core.data import Dataset, from_options, split_pair
+from lmc.core.diagnostics import alignment_diagnostics
+from lmc.core.interpolation import alpha_grid, layerwise_sweep, pairwise_barriers, sweep
+from lmc.core.models import build_model
+from lmc.core.normalization import check_reset_bn, corrections, resolve_reset_bn, stat_batches
+from lmc.core.permutation import apply_permutation, permutation_spec
+from lmc.core.training import TrainConfig, TrainingDiverged, concurrently, evaluate
 from lmc.errors import ConfigError, StoreError
-from lmc.interpolation import alpha_grid, layerwise_sweep, sweep
-from lmc.models import build_model
-from lmc.normalization import check_reset_bn, corrections, resolve_reset_bn, stat_batches
-from lmc.permutation import apply_permutation, pairwise_barriers, permutation_spec
-from lmc.plotting import plot_run
-from lmc.results import atomic_write, summary_table, write_curves, write_results
-from lmc.store import Store, StoredModel, model_settings
-from lmc.tracking import flatten, tracker
-from lmc.training import TrainConfig, TrainingDiverged, concurrently, evaluate
+from lmc.io import atomic_write, write_curves
+from lmc.report.plotting import plot_run
+from lmc.report.results import summary_table, write_results
+from lmc.report.tracking import flatten, tracker
+from lmc.stages.store import Store, StoredModel, model_settings
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

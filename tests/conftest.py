@@ -17,7 +17,7 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mnist1d(data_root):
-    from lmc.data import load_dataset
+    from lmc.core.data import load_dataset
 
     return load_dataset("mnist1d", data_root)
 

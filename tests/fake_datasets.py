@@ -26,7 +26,7 @@ def tiny_data(n: int, n_test: int = 64, features: int = 2):
     above 0 (two classes); the test set is the first ``n_test`` of them."""
     import torch
 
-    from lmc.data import Dataset
+    from lmc.core.data import Dataset
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 8, generator=g)

@@ -12,14 +12,13 @@ from torch import nn
 from torch.nn import functional as F
 
 import lmc
-from lmc.alignment import align, align_many, train_batches
-from lmc.barriers import barrier
-from lmc.data import Dataset
-from lmc.diagnostics import alignment_diagnostics
-from lmc.errors import ConfigError
-from lmc.interpolation import alpha_grid, sweep
-from lmc.models import build_model
-from lmc.permutation import (
+from lmc.core.alignment import align, align_many, train_batches
+from lmc.core.barriers import barrier
+from lmc.core.data import Dataset
+from lmc.core.diagnostics import alignment_diagnostics
+from lmc.core.interpolation import alpha_grid, sweep
+from lmc.core.models import build_model
+from lmc.core.permutation import (
     AxisRef,
     PermutationSpec,
     apply_permutation,
@@ -31,8 +30,9 @@ from lmc.permutation import (
     sinkhorn_normalize,
     weight_matching,
 )
-from lmc.permutation.activation_matching import _Recorder, _samples
-from lmc.training import seeded_init
+from lmc.core.permutation.activation_matching import _Recorder, _samples
+from lmc.core.training import seeded_init
+from lmc.errors import ConfigError
 
 
 class ResCNN(nn.Module):
@@ -233,7 +233,7 @@ def test_weight_matching_warm_start_carries_prices_and_keeps_the_optimum(monkeyp
     cold = weight_matching(spec, nudged, sd_b, init_perm=first, seed=1)
     assert all(torch.equal(again[g], cold[g]) for g in spec.groups)
     assert any(not torch.equal(again[g], first[g]) for g in spec.groups)  # the nudge moved something
-    learned = importlib.import_module("lmc.permutation.learned")
+    learned = importlib.import_module("lmc.core.permutation.learned")
     found = lmc.ste(spec, model, sd_a, sd_b, batches(x, y, 64), steps=15, lr=1e-2)
     real = learned.weight_matching
     monkeypatch.setattr(learned, "weight_matching", lambda *a, warm_start=None, **k: real(*a, **k))
@@ -274,7 +274,7 @@ def _load_reference():
     return module.reference_weight_matching
 
 
-WM = importlib.import_module("lmc.permutation.weight_matching")
+WM = importlib.import_module("lmc.core.permutation.weight_matching")
 
 
 def _cost_path(monkeypatch, path):

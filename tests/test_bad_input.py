@@ -9,10 +9,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from test_cli import TINY, lmc_run
 
-from lmc.alignment import align
+from lmc.core.alignment import align
+from lmc.core.models import build_model
+from lmc.core.permutation import permutation_spec
 from lmc.errors import ConfigError
-from lmc.models import build_model
-from lmc.permutation import permutation_spec
 from lmc.run import CONF_DIR, run
 
 QUICK = [*TINY, "interp.layerwise=false", "logger=none"]
@@ -138,7 +138,7 @@ class FailingRun:
 
 
 def test_wandb_failing_mid_run_warns_and_keeps_local_files(tmp_path, data_root, monkeypatch):
-    import lmc.tracking
+    import lmc.report.tracking
 
     runs = []
 
@@ -146,7 +146,7 @@ def test_wandb_failing_mid_run_warns_and_keeps_local_files(tmp_path, data_root, 
         self._wandb, self.mode, self.run = None, mode, FailingRun()
         runs.append(self.run)
 
-    monkeypatch.setattr(lmc.tracking.WandbTracker, "__init__", fake_init)
+    monkeypatch.setattr(lmc.report.tracking.WandbTracker, "__init__", fake_init)
     cfg = compose_run_cfg([*TINY, "interp.layerwise=false", "logger=wandb", "logger.mode=offline",
                            f"data.root={data_root}", f"store.root={tmp_path / 'store'}"])
     with warnings.catch_warnings(record=True) as caught:

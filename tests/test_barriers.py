@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lmc.barriers import barrier, barriers_from_curves, frankle_barrier, layerwise_barriers, midpoint_barrier
+from lmc.core.barriers import barrier, barriers_from_curves, frankle_barrier, layerwise_barriers, midpoint_barrier
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 LOSS = [0.0, 2.0, 1.0, 0.5, 1.0]  # line from 0 to 1 is [0, .25, .5, .75, 1]

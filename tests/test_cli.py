@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmc.results import CURVE_COLUMNS, read_curves
+from lmc.io import CURVE_COLUMNS, read_curves
 
 TINY = ["model.width=16", "model.depth=2", "train.epochs=2", "interp.num_alphas=5", "progress=false"]
 
@@ -59,8 +59,8 @@ def test_tiny_run_writes_the_contract_files(tiny_run):
     assert (run_dir / "curves.csv").read_text().splitlines()[0] == ",".join(CURVE_COLUMNS)
     assert len(rows) == 2 * 4 * 2 * 5
     # curve ends are the endpoints, and barriers are recomputable from curves.csv alone
-    from lmc.barriers import barriers_from_curves
-    from lmc.tracking import flatten
+    from lmc.core.barriers import barriers_from_curves
+    from lmc.report.tracking import flatten
 
     ends = {r["alpha"]: r for r in rows if r["method"] == "naive" and not r["layer"] and r["split"] == "test"}
     assert ends[0.0]["loss"] == pytest.approx(results["endpoints"]["a"]["test"]["loss"], rel=1e-5)

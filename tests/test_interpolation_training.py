@@ -3,10 +3,10 @@ import torch
 from fake_datasets import tiny_data
 from torch import nn
 
+from lmc.core.interpolation import alpha_grid, layerwise_sweep, lerp_state, sweep
+from lmc.core.models import build_model
+from lmc.core.training import TrainConfig, evaluate, seeded_init, train
 from lmc.errors import ConfigError
-from lmc.interpolation import alpha_grid, layerwise_sweep, lerp_state, sweep
-from lmc.models import build_model
-from lmc.training import TrainConfig, evaluate, seeded_init, train
 
 
 def test_lerp_state_endpoints_and_integer_buffers():
@@ -55,7 +55,7 @@ def test_training_is_seeded_and_learns():
 
 
 def test_training_divergence_is_reported():
-    from lmc.training import TrainingDiverged
+    from lmc.core.training import TrainingDiverged
 
     data = tiny_data(256)
     m = seeded_init(lambda: build_model("mlp", (8,), 2, width=16, depth=1), 0)

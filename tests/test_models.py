@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
+from lmc.core.models import MODELS, build_model
+from lmc.core.permutation import apply_permutation, invert_permutation, permutation_spec, random_permutation
+from lmc.core.training import seeded_init
 from lmc.errors import ConfigError
-from lmc.models import MODELS, build_model
-from lmc.permutation import apply_permutation, invert_permutation, permutation_spec, random_permutation
-from lmc.training import seeded_init
 
 # (name, input shape, kwargs at two widths): tiny settings to keep the tests fast
 ZOO = [

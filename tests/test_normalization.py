@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from lmc.core.interpolation import lerp_state, sweep
+from lmc.core.normalization import Repair, corrections, has_batchnorm, reset_bn_stats, resolve_reset_bn, stat_batches
+from lmc.core.training import seeded_init
 from lmc.errors import ConfigError
-from lmc.interpolation import lerp_state, sweep
-from lmc.normalization import Repair, corrections, has_batchnorm, reset_bn_stats, resolve_reset_bn, stat_batches
-from lmc.training import seeded_init
 
 
 def conv_bn(width=6):
@@ -152,7 +152,7 @@ def test_corrections_label_and_sweep_hook():
 
 @pytest.mark.parametrize("norm", ["layernorm", "none", "batchnorm"])
 def test_repair_on_resnet20(norm):
-    from lmc.models import build_model
+    from lmc.core.models import build_model
 
     build = lambda: build_model("resnet20", (3, 8, 8), 4, width=1, norm=norm, base_channels=2)
     model, sd_a, sd_b = seeded_init(build, 0), seeded_init(build, 0).state_dict(), seeded_init(build, 1).state_dict()

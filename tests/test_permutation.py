@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from lmc.barriers import barrier
-from lmc.interpolation import alpha_grid, sweep
-from lmc.models import build_model
-from lmc.permutation import (
+from lmc.core.barriers import barrier
+from lmc.core.interpolation import alpha_grid, sweep
+from lmc.core.models import build_model
+from lmc.core.permutation import (
     UnsupportedOperationError,
     apply_permutation,
     invert_permutation,
@@ -16,7 +16,7 @@ from lmc.permutation import (
     random_permutation,
     weight_matching,
 )
-from lmc.training import seeded_init
+from lmc.core.training import seeded_init
 
 
 def mlp(width, depth=3, seed=0, in_features=40):

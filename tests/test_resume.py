@@ -13,10 +13,10 @@ from fake_datasets import tiny_data
 from test_cli import lmc_run
 from torch import nn
 
-from lmc.checkpoint import CheckpointDir, load_verified
+from lmc.core.models import build_model
+from lmc.core.training import TrainConfig, TrainingDiverged, seeded_init, train
 from lmc.errors import CorruptCheckpoint
-from lmc.models import build_model
-from lmc.training import TrainConfig, TrainingDiverged, seeded_init, train
+from lmc.io import CheckpointDir, load_verified
 
 
 def new_model():

@@ -8,11 +8,11 @@ import torch
 from fake_datasets import tiny_data
 from test_cli import TINY, lmc_run
 
-from lmc.checkpoint import CheckpointDir, load_verified
+from lmc.core.models import build_model
+from lmc.core.training import TrainConfig
 from lmc.errors import ConfigError, CorruptCheckpoint, StoreError
-from lmc.models import build_model
-from lmc.store import Store, model_settings, settings_hash
-from lmc.training import TrainConfig
+from lmc.io import CheckpointDir, load_verified
+from lmc.stages.store import Store, model_settings, settings_hash
 
 QUICK = [*TINY, "interp.layerwise=false", "logger=none"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from fake_datasets import FAKE_NAMES, fabricate, skip_md5_checks
 
-from lmc.data import Augmentation, Dataset, from_options, load_dataset, split_pair
+from lmc.core.data import Augmentation, Dataset, from_options, load_dataset, split_pair
 from lmc.errors import ConfigError
 
 SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
@@ -78,8 +78,8 @@ def test_augmentation_is_seeded_and_is_crop_and_flip():
 
 
 def test_training_augmentation_seed_is_separate_from_data_order():
-    from lmc.models import build_model
-    from lmc.training import TrainConfig, seeded_init, train
+    from lmc.core.models import build_model
+    from lmc.core.training import TrainConfig, seeded_init, train
 
     x, y = images(64), torch.arange(64) % 2
     data = Dataset("img", x, y, x, y, 2, augment=Augmentation(2, True))
@@ -132,8 +132,8 @@ def test_from_options_reads_the_config_keys(fake_root, monkeypatch):
 
 
 def test_concurrent_pair_equals_sequential_training():
-    from lmc.models import build_model
-    from lmc.training import TrainConfig, seeded_init, train_pair
+    from lmc.core.models import build_model
+    from lmc.core.training import TrainConfig, seeded_init, train_pair
 
     x, y = images(96), torch.arange(96) % 3
     datas = [Dataset("img", x, y, x, y, 3, augment=Augmentation(2, True)),
@@ -150,7 +150,7 @@ def test_concurrent_pair_equals_sequential_training():
 
 
 def test_concurrent_pair_refuses_dropout_and_trains_nothing():
-    from lmc.training import TrainConfig, seeded_init, train_pair
+    from lmc.core.training import TrainConfig, seeded_init, train_pair
 
     x, y = images(32), torch.arange(32) % 2
     data = Dataset("img", x, y, x, y, 2)
@@ -177,7 +177,7 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
 
     import torchvision.datasets as tvd
 
-    from lmc.data.__main__ import main
+    from lmc.data import main
 
     def offline(self):
         raise urllib.error.URLError("no network")
@@ -189,8 +189,8 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_gpu_options_are_ignored_on_cpu_and_compile_excludes_concurrency():
-    from lmc.models import build_model
-    from lmc.training import TrainConfig, seeded_init, train
+    from lmc.core.models import build_model
+    from lmc.core.training import TrainConfig, seeded_init, train
 
     x, y = images(32), torch.arange(32) % 2
     data = Dataset("img", x, y, x, y, 2)
@@ -209,8 +209,8 @@ def test_gpu_options_are_ignored_on_cpu_and_compile_excludes_concurrency():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_fast_path_and_concurrent_pair_on_cuda():
-    from lmc.models import build_model
-    from lmc.training import TrainConfig, evaluate, seeded_init, train_pair
+    from lmc.core.models import build_model
+    from lmc.core.training import TrainConfig, evaluate, seeded_init, train_pair
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 3, 32, 32, generator=g)

@@ -9,7 +9,7 @@ import pytest
 from fake_datasets import fabricate, skip_md5_checks
 from hydra import compose, initialize_config_dir
 
-from lmc.results import read_curves
+from lmc.io import read_curves
 from lmc.run import CONF_DIR, run
 
 TINY = ["train.epochs=1", "interp.num_alphas=3", "interp.stat_batches=2", "interp.stat_batch_size=16",
@@ -61,7 +61,7 @@ def test_experiment_runs_end_to_end_on_fake_data(experiment, fake_root, tmp_path
 
 def test_split_experiment_trains_each_model_on_its_own_classes(fake_root, monkeypatch):
     skip_md5_checks(monkeypatch)
-    from lmc.data import from_options, split_pair
+    from lmc.core.data import from_options, split_pair
 
     cfg = compose_cfg(["experiment=resnet_cifar_split", f"data.root={fake_root}"])
     data = from_options(cfg.data)

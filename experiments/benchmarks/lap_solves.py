@@ -33,9 +33,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from weight_matching import _params, chosen_pairs, only, parse_with_pair_options
 
-from lmc.permutation import permutation_spec, weight_matching
+from lmc.core.permutation import permutation_spec, weight_matching
 
-WM = importlib.import_module("lmc.permutation.weight_matching")
+WM = importlib.import_module("lmc.core.permutation.weight_matching")
 
 
 def _record(spec, pa, pb) -> list[tuple[np.ndarray, np.ndarray | None]]:

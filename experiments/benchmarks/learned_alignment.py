@@ -5,7 +5,7 @@
 
 **Sinkhorn re-basin** (Peña et al. 2023) spends most of its time turning each group's logits into a
 doubly-stochastic matrix: ``iters`` alternating row and column normalisations in the log domain, forward
-and backward, every optimisation step. lmc's :func:`lmc.permutation.soft.sinkhorn_normalize` writes each
+and backward, every optimisation step. lmc's :func:`lmc.core.permutation.soft.sinkhorn_normalize` writes each
 half-step as a ``log_softmax`` (the last with the ``exp`` as a ``softmax``); :func:`plain_sinkhorn` below
 writes it as ``log_p − logsumexp(log_p)``, as one would from the formula. The values are the same up to
 rounding.
@@ -42,12 +42,12 @@ from unittest import mock
 import torch
 from weight_matching import _mlp_pair, _run_pair, _time
 
-from lmc.alignment import train_batches
-from lmc.permutation import apply_permutation, permutation_spec, sinkhorn_rebasin, ste, weight_matching
-from lmc.permutation.soft import sinkhorn_normalize
-from lmc.training import evaluate
+from lmc.core.alignment import train_batches
+from lmc.core.permutation import apply_permutation, permutation_spec, sinkhorn_rebasin, ste, weight_matching
+from lmc.core.permutation.soft import sinkhorn_normalize
+from lmc.core.training import evaluate
 
-LEARNED = importlib.import_module("lmc.permutation.learned")
+LEARNED = importlib.import_module("lmc.core.permutation.learned")
 
 
 def plain_sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -89,7 +89,7 @@ def _cold_weight_matching(*args, warm_start=None, **kwargs):
 
 
 def _swapped(name: str, replacement):
-    """A function running ``fn`` with ``lmc.permutation.learned.<name>`` replaced by ``replacement``."""
+    """A function running ``fn`` with ``lmc.core.permutation.learned.<name>`` replaced by ``replacement``."""
     def run(fn):
         with mock.patch.object(LEARNED, name, replacement):
             return fn()
@@ -97,7 +97,7 @@ def _swapped(name: str, replacement):
 
 
 def alignment_tables(args: argparse.Namespace) -> None:
-    from lmc.data import from_options, load_dataset
+    from lmc.core.data import from_options, load_dataset
 
     if args.run:
         import json

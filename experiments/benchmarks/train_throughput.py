@@ -23,9 +23,9 @@ from dataclasses import replace
 import torch
 from torch.nn import functional as F
 
-from lmc.data import Dataset, load_dataset
-from lmc.models import build_model
-from lmc.training import TrainConfig, seeded_init, train, train_pair
+from lmc.core.data import Dataset, load_dataset
+from lmc.core.models import build_model
+from lmc.core.training import TrainConfig, seeded_init, train, train_pair
 
 
 def sync(device: torch.device) -> None:

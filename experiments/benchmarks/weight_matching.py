@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from lmc.models import build_model
-from lmc.permutation import PermutationSpec, matching_objective, permutation_spec, weight_matching
-from lmc.permutation.apply import permute_axis
-from lmc.training import seeded_init
+from lmc.core.models import build_model
+from lmc.core.permutation import PermutationSpec, matching_objective, permutation_spec, weight_matching
+from lmc.core.permutation.apply import permute_axis
+from lmc.core.training import seeded_init
 
 
 def reference_weight_matching(spec: PermutationSpec, params_a: dict, params_b: dict, max_iter: int = 100,
@@ -85,7 +85,7 @@ def reference_weight_matching(spec: PermutationSpec, params_a: dict, params_b: d
 
 def _mlp_pair(steps: int, data=None):
     """Two MLPs 3×512 (seeds 0 and 1) trained ``steps`` Adam steps on MNIST-1D (``data``, if already loaded)."""
-    from lmc.data import load_dataset
+    from lmc.core.data import load_dataset
 
     data = load_dataset("mnist1d") if data is None else data
     models = []
@@ -164,8 +164,8 @@ def _trained_pair(name, shape, steps: int, cache: Path | None, **kw):
 def _run_pair(run_dir: Path, data=None):
     """The trained endpoints of a finished run (its ``results.json`` config and ``checkpoints/``); ``data``:
     the run's dataset, if already loaded."""
-    from lmc.checkpoint import load_verified
-    from lmc.data import from_options
+    from lmc.core.data import from_options
+    from lmc.io import load_verified
 
     cfg = json.loads((run_dir / "results.json").read_text())["config"]
     data = from_options(cfg["data"]) if data is None else data

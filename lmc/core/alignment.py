@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmc.data import Dataset
-from lmc.errors import ConfigError
-from lmc.permutation import (
+from lmc.core.data import Dataset
+from lmc.core.permutation import (
     Permutation,
     PermutationSpec,
     activation_matching,
@@ -25,6 +24,7 @@ from lmc.permutation import (
     ste,
     weight_matching,
 )
+from lmc.errors import ConfigError
 
 __all__ = ["ALIGN_METHODS", "MERGE_MODES", "align", "align_many", "check_merge", "check_same_architecture",
            "train_batches"]

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from lmc.permutation import Permutation, PermutationSpec, apply_permutation, identity_permutation, matching_objective
+from lmc.core.permutation import (
+    Permutation,
+    PermutationSpec,
+    apply_permutation,
+    identity_permutation,
+    matching_objective,
+)
 
 __all__ = ["alignment_diagnostics"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lmc.permutation.spec import PermutationSpec
+from lmc.core.permutation.spec import PermutationSpec
 
 Permutation = dict[str, torch.Tensor]
 

@@ -14,8 +14,8 @@ from collections import OrderedDict
 
 from torch import nn
 
+from lmc.core.models._common import NORMS, channel_norm, check_choice, check_no_extra, check_positive_int
 from lmc.errors import ConfigError
-from lmc.models._common import NORMS, channel_norm, check_choice, check_no_extra, check_positive_int
 
 STAGES = {  # convs per stage (five stages, channel multipliers 1, 2, 4, 8, 8)
     11: (1, 1, 2, 2, 2),

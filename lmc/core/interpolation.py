@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmc.core.barriers import barriers_from_curves
+from lmc.core.training import evaluate
 from lmc.errors import ConfigError
-from lmc.training import evaluate
 
-__all__ = ["alpha_grid", "lerp_state", "sweep", "layerwise_sweep"]
+__all__ = ["alpha_grid", "layerwise_sweep", "lerp_state", "pairwise_barriers", "sweep"]
 
 Splits = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -93,3 +94,22 @@ def layerwise_sweep(
         rows += sweep(model, sd_a, sd_b, alphas, splits, method, layer=layer, keys=keys, correct=correct,
                       batch_size=batch_size)
     return rows
+
+
+def pairwise_barriers(
+    model: nn.Module,
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    alphas: Sequence[float],
+    splits: dict,
+    names: Sequence[str] | None = None,
+    **sweep_options,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"i-j": {split: barriers}}`` of the linear path between every two of ``state_dicts``
+    (``sweep_options``, e.g. ``batch_size``, go to :func:`lmc.interpolation.sweep`)."""
+    names = list(names or range(len(state_dicts)))
+    out = {}
+    for i in range(len(state_dicts)):
+        for j in range(i + 1, len(state_dicts)):
+            rows = sweep(model, state_dicts[i], state_dicts[j], alphas, splits, "pair", **sweep_options)
+            out[f"{names[i]}-{names[j]}"] = barriers_from_curves(rows)["pair"]
+    return out

@@ -16,9 +16,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import fx, nn
 
+from lmc.core.permutation.apply import Permutation
+from lmc.core.permutation.spec import PermutationSpec
 from lmc.errors import ConfigError
-from lmc.permutation.apply import Permutation
-from lmc.permutation.spec import PermutationSpec
 
 __all__ = ["activation_matching", "ACTIVATION_SIMILARITIES"]
 

@@ -10,10 +10,10 @@ from torch import nn
 from lmc.errors import ConfigError
 
 MODELS = {
-    "mlp": "lmc.models.mlp",
-    "vgg": "lmc.models.vgg",
-    "resnet20": "lmc.models.resnet",
-    "cnn1d": "lmc.models.cnn1d",
+    "mlp": "lmc.core.models.mlp",
+    "vgg": "lmc.core.models.vgg",
+    "resnet20": "lmc.core.models.resnet",
+    "cnn1d": "lmc.core.models.cnn1d",
 }
 
 __all__ = ["MODELS", "build_model"]

@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lmc.data import DATASETS, download
+from lmc.core.data import DATASETS, download
 from lmc.errors import ConfigError
 
 

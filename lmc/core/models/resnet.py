@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lmc.core.models._common import NORMS, channel_norm, check_choice, check_no_extra, check_positive_int
 from lmc.errors import ConfigError
-from lmc.models._common import NORMS, channel_norm, check_choice, check_no_extra, check_positive_int
 
 
 class BasicBlock(nn.Module):

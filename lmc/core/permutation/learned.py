@@ -25,12 +25,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from lmc.core.normalization import has_batchnorm
+from lmc.core.permutation.apply import Permutation, apply_permutation
+from lmc.core.permutation.soft import apply_soft_permutation, sinkhorn_normalize
+from lmc.core.permutation.spec import PermutationSpec
+from lmc.core.permutation.weight_matching import weight_matching
 from lmc.errors import ConfigError
-from lmc.normalization import has_batchnorm
-from lmc.permutation.apply import Permutation, apply_permutation
-from lmc.permutation.soft import apply_soft_permutation, sinkhorn_normalize
-from lmc.permutation.spec import PermutationSpec
-from lmc.permutation.weight_matching import weight_matching
 
 __all__ = ["ste", "sinkhorn_rebasin", "SINKHORN_OBJECTIVES"]
 

@@ -12,7 +12,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmc.barriers import curve  # noqa: E402
+from lmc.core.barriers import curve  # noqa: E402
 
 __all__ = ["plot_curves", "plot_layerwise", "plot_run", "plot_sweep"]
 

@@ -1,32 +1,17 @@
-"""Reading and writing a run directory's contract files (``results.json``, ``curves.csv``) and the
-terminal summary. Figures and notebooks read only these files."""
+"""A run directory's ``results.json`` and the terminal summary. Figures and notebooks read only the run
+directory's files (``results.json`` here, ``curves.csv`` through :mod:`lmc.io`)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["CURVE_COLUMNS", "atomic_write", "read_curves", "read_results", "summary_table", "write_curves",
-           "write_results"]
+from lmc.io import atomic_write
 
-CURVE_COLUMNS = ("method", "layer", "split", "alpha", "loss", "acc")
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``: readers see the
-    old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, newline="")  # written as given (csv's line endings stay as csv makes them)
-    os.replace(tmp, path)
-
+__all__ = ["read_results", "summary_table", "write_results"]
 
 def write_results(run_dir: str | os.PathLike, results: Mapping) -> Path:
     path = Path(run_dir) / "results.json"
@@ -42,25 +27,6 @@ def _jsonable(obj):
 
 def read_results(run_dir: str | os.PathLike) -> dict:
     return json.loads((Path(run_dir) / "results.json").read_text())
-
-
-def write_curves(run_dir: str | os.PathLike, rows: list[Mapping]) -> Path:
-    path = Path(run_dir) / "curves.csv"
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (repr(float(r[k])) if k in ("alpha", "loss", "acc") else r[k]) for k in CURVE_COLUMNS})
-    atomic_write(path, buf.getvalue())
-    return path
-
-
-def read_curves(run_dir: str | os.PathLike) -> list[dict]:
-    with open(Path(run_dir) / "curves.csv", newline="") as f:
-        return [
-            {**r, "alpha": float(r["alpha"]), "loss": float(r["loss"]), "acc": float(r["acc"])}
-            for r in csv.DictReader(f)
-        ]
 
 
 def _fmt(x: float) -> str:

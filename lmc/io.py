@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, sha256-verified reads, and a folder of training checkpoints.
+"""File I/O shared by every layer: atomic writes, sha256-verified checkpoint files, a folder of
+training checkpoints, and the curves table (``curves.csv``).
 
 Every file is written to a temporary name and renamed into place, so a killed process leaves the old
 file or the new one, never half of one. Each checkpoint's sha256 is recorded by whoever points to it
@@ -8,19 +9,34 @@ file is detected on read and raised as :class:`lmc.errors.CorruptCheckpoint` nam
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmc.errors import CorruptCheckpoint
-from lmc.results import atomic_write
 
-__all__ = ["CheckpointDir", "load_verified", "save_atomic"]
+__all__ = ["CURVE_COLUMNS", "CheckpointDir", "atomic_write", "load_verified", "read_curves", "save_atomic",
+           "write_curves"]
+
+CURVE_COLUMNS = ("method", "layer", "split", "alpha", "loss", "acc")
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``: readers see the
+    old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data, newline="")  # written as given (csv's line endings stay as csv makes them)
+    os.replace(tmp, path)
 
 
 def save_atomic(path: str | os.PathLike, obj: Any) -> str:
@@ -126,3 +142,22 @@ class CheckpointDir:
     def latest_file(self) -> Path | None:
         pointer = self._read_pointer()
         return None if pointer is None else self.path / pointer["file"]
+
+
+def write_curves(run_dir: str | os.PathLike, rows: list[Mapping]) -> Path:
+    path = Path(run_dir) / "curves.csv"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (repr(float(r[k])) if k in ("alpha", "loss", "acc") else r[k]) for k in CURVE_COLUMNS})
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def read_curves(run_dir: str | os.PathLike) -> list[dict]:
+    with open(Path(run_dir) / "curves.csv", newline="") as f:
+        return [
+            {**r, "alpha": float(r["alpha"]), "loss": float(r["loss"]), "acc": float(r["acc"])}
+            for r in csv.DictReader(f)
+        ]

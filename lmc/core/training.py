@@ -16,9 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from lmc.checkpoint import CheckpointDir
-from lmc.data import Dataset
+from lmc.core.data import Dataset
 from lmc.errors import ConfigError
+from lmc.io import CheckpointDir
 
 __all__ = ["TrainConfig", "TrainingDiverged", "concurrently", "evaluate", "seeded_init", "train", "train_pair"]
 

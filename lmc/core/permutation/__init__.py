@@ -1,18 +1,18 @@
 """Permutation symmetry: specs derived from models, applying permutations, alignment methods."""
 
-from lmc.permutation.activation_matching import activation_matching
-from lmc.permutation.apply import (
+from lmc.core.permutation.activation_matching import activation_matching
+from lmc.core.permutation.apply import (
     Permutation,
     apply_permutation,
     identity_permutation,
     invert_permutation,
     random_permutation,
 )
-from lmc.permutation.learned import sinkhorn_rebasin, ste
-from lmc.permutation.merge import align_to_reference, merge_many, pairwise_barriers
-from lmc.permutation.soft import apply_soft_permutation, permutation_matrix, sinkhorn_normalize
-from lmc.permutation.spec import AxisRef, PermutationSpec, UnsupportedOperationError, permutation_spec
-from lmc.permutation.weight_matching import cost_matrices, matching_objective, weight_matching
+from lmc.core.permutation.learned import sinkhorn_rebasin, ste
+from lmc.core.permutation.merge import align_to_reference, merge_many
+from lmc.core.permutation.soft import apply_soft_permutation, permutation_matrix, sinkhorn_normalize
+from lmc.core.permutation.spec import AxisRef, PermutationSpec, UnsupportedOperationError, permutation_spec
+from lmc.core.permutation.weight_matching import cost_matrices, matching_objective, weight_matching
 
 sinkhorn = sinkhorn_rebasin
 
@@ -30,7 +30,6 @@ __all__ = [
     "invert_permutation",
     "matching_objective",
     "merge_many",
-    "pairwise_barriers",
     "permutation_matrix",
     "permutation_spec",
     "random_permutation",

@@ -34,11 +34,10 @@ from typing import Any
 
 from torch import nn
 
-from lmc.checkpoint import CheckpointDir, load_verified, save_atomic
-from lmc.data import Dataset
+from lmc.core.data import Dataset
+from lmc.core.training import TrainConfig, seeded_init, train
 from lmc.errors import ConfigError, CorruptCheckpoint, StoreError
-from lmc.results import atomic_write, read_curves, write_curves
-from lmc.training import TrainConfig, seeded_init, train
+from lmc.io import CheckpointDir, atomic_write, load_verified, read_curves, save_atomic, write_curves
 
 __all__ = ["ON_CORRUPT", "Store", "StoredModel", "model_settings", "settings_hash"]
 

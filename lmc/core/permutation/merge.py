@@ -1,8 +1,8 @@
-"""More than two models: align all to a reference, Git Re-Basin's MergeMany, pairwise barriers.
+"""More than two models: align all to a reference, and Git Re-Basin's MergeMany.
 
 Ito et al. (2024) align models B, C, … to a reference A and then ask whether B and C — never aligned
-to each other — are linearly connected too: :func:`pairwise_barriers` measures the barrier between
-every two aligned models.
+to each other — are linearly connected too: :func:`lmc.core.interpolation.pairwise_barriers` measures
+the barrier between every two aligned models.
 """
 
 from __future__ import annotations
@@ -11,15 +11,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from lmc.barriers import barriers_from_curves
-from lmc.interpolation import sweep
-from lmc.permutation.apply import Permutation, apply_permutation, identity_permutation
-from lmc.permutation.spec import PermutationSpec
-from lmc.permutation.weight_matching import weight_matching
+from lmc.core.permutation.apply import Permutation, apply_permutation, identity_permutation
+from lmc.core.permutation.spec import PermutationSpec
+from lmc.core.permutation.weight_matching import weight_matching
 
-__all__ = ["align_to_reference", "merge_many", "pairwise_barriers"]
+__all__ = ["align_to_reference", "merge_many"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -77,22 +74,3 @@ def merge_many(
     full = [apply_permutation(spec, p, sd) for p, sd in zip(perms, state_dicts)]
     merged = {k: (sum(f[k] for f in full) / n if v.is_floating_point() else v) for k, v in full[0].items()}
     return perms, merged
-
-
-def pairwise_barriers(
-    model: nn.Module,
-    state_dicts: Sequence[StateDict],
-    alphas: Sequence[float],
-    splits: dict,
-    names: Sequence[str] | None = None,
-    **sweep_options,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """``{"i-j": {split: barriers}}`` of the linear path between every two of ``state_dicts``
-    (``sweep_options``, e.g. ``batch_size``, go to :func:`lmc.interpolation.sweep`)."""
-    names = list(names or range(len(state_dicts)))
-    out = {}
-    for i in range(len(state_dicts)):
-        for j in range(i + 1, len(state_dicts)):
-            rows = sweep(model, state_dicts[i], state_dicts[j], alphas, splits, "pair", **sweep_options)
-            out[f"{names[i]}-{names[j]}"] = barriers_from_curves(rows)["pair"]
-    return out

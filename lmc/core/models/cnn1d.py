@@ -12,8 +12,8 @@ from collections import OrderedDict
 
 from torch import nn
 
+from lmc.core.models._common import NORMS, channel_norm, check_choice, check_no_extra, check_positive_int
 from lmc.errors import ConfigError
-from lmc.models._common import NORMS, channel_norm, check_choice, check_no_extra, check_positive_int
 
 
 class CNN1d(nn.Sequential):

@@ -50,8 +50,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from lmc.permutation.apply import Permutation, _expand, apply_permutation
-from lmc.permutation.spec import PermutationSpec
+from lmc.core.permutation.apply import Permutation, _expand, apply_permutation
+from lmc.core.permutation.spec import PermutationSpec
 
 __all__ = ["weight_matching", "matching_objective", "cost_matrices"]
 
