@@ -1,9 +1,10 @@
 """Regenerate figures from stored results, offline and without W&B.
 
-    python -m lmc.figures RUN_DIR [RUN_DIR ...]            # curves.png and layerwise.png of each run
+    python -m lmc.figures RUN_DIR [RUN_DIR ...]            # each run's figures (its study's: curves.png, ...)
     python -m lmc.figures --sweep SWEEP_DIR --x model.width  # barrier against a swept setting
 
-A run's figures read its ``curves.csv`` and ``results.json``; a sweep's figure reads every finished
+A run's figures are its study's (``results.json`` names the study), drawn from its ``curves.csv`` and
+``results.json``; a sweep's figure reads every finished
 job's ``results.json`` (the jobs :mod:`lmc.collect` lists), takes the swept setting ``--x`` from the
 job's resolved config and plots the barriers of every method, mean ± std over the jobs sharing an
 ``--x`` value (e.g. several seed pairs), to ``SWEEP_DIR/barrier_vs_<x>.png``.
@@ -15,44 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from lmc.collect import collect
+from lmc.errors import ConfigError
 from lmc.io import read_curves
-from lmc.report.plotting import plot_run, plot_sweep
+from lmc.report.plotting import plot_sweep
 from lmc.report.results import read_results
+from lmc.report.sweep import sweep_points
+from lmc.studies import study_for_results
 
-__all__ = ["main", "sweep_points"]
-
-_MISSING = object()
-
-
-def _select(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def sweep_points(sweep_dir: str | Path, x: str) -> list[dict]:
-    """``{x, method, split, loss, error}`` for every finished job of a sweep and every barrier it holds.
-
-    ``x`` is a dotted config key (``model.width``, ``spawn.step``, ``align.method``, ``seeds``...); a
-    job whose config lacks it raises ``KeyError`` naming the key and the job."""
-    sweep_dir = Path(sweep_dir)
-    points = []
-    for row in collect(sweep_dir):
-        if row["status"] != "ok":
-            continue
-        results = read_results(sweep_dir / row["job"])
-        value = _select(results.get("config", {}), x)
-        if value is _MISSING:
-            raise KeyError(f"job {row['job']} has no setting '{x}' in its config")
-        value = str(value) if isinstance(value, (list, dict)) else value
-        for method, per_split in results["barriers"].items():
-            for split, b in per_split.items():
-                points.append({"x": value, "method": method, "split": split, "loss": b["loss"], "error": b["error"]})
-    return points
+__all__ = ["main"]
 
 
 def _runs(run_dirs: list[Path]) -> int:
@@ -63,7 +34,14 @@ def _runs(run_dirs: list[Path]) -> int:
             print(f"error: {run_dir} is not a run directory (missing {', '.join(missing)})", file=sys.stderr)
             status = 2
             continue
-        for path in plot_run(run_dir, read_results(run_dir), read_curves(run_dir)):
+        results = read_results(run_dir)
+        try:
+            study = study_for_results(results)
+        except ConfigError as exc:
+            print(f"error: {run_dir}: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        for path in study.figures(run_dir, results, read_curves(run_dir)):
             print(path)
     return status
 

@@ -145,17 +145,25 @@ class CheckpointDir:
 
 
 def write_curves(run_dir: str | os.PathLike, rows: list[Mapping]) -> Path:
+    """``curves.csv``: one row per evaluation, columns ``CURVE_COLUMNS`` first, then any other column a
+    study's rows carry (a layer set, a base model, an epoch, a pair type…) in order of appearance; a row
+    without such a column leaves it empty."""
     path = Path(run_dir) / "curves.csv"
+    columns = list(CURVE_COLUMNS)
+    for r in rows:
+        columns += [k for k in r if k not in columns]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS)
+    w = csv.DictWriter(buf, fieldnames=columns, restval="")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (repr(float(r[k])) if k in ("alpha", "loss", "acc") else r[k]) for k in CURVE_COLUMNS})
+        w.writerow({k: (repr(float(v)) if isinstance(v, float) or k in ("alpha", "loss", "acc") else v)
+                    for k, v in r.items()})
     atomic_write(path, buf.getvalue())
     return path
 
 
 def read_curves(run_dir: str | os.PathLike) -> list[dict]:
+    """``curves.csv``'s rows: ``alpha``, ``loss``, ``acc`` as floats, other columns as written (strings)."""
     with open(Path(run_dir) / "curves.csv", newline="") as f:
         return [
             {**r, "alpha": float(r["alpha"]), "loss": float(r["loss"]), "acc": float(r["acc"])}

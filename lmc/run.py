@@ -1,23 +1,18 @@
-"""One LMC run: ``python -m lmc.run [overrides]`` (Hydra; ``--help`` lists the config groups).
+"""One lmc run: ``python -m lmc.run [study=<name>] [overrides]`` (Hydra; ``--help`` lists groups and studies).
 
-    config ─► data ─► train seed pair ─► align ─► interpolate over α ─► barriers ─► report
+    compose ─► settings (checked once) ─► study.run over the stored stages ─► report
 
-Each stage is a plain function from its own module; this file only wires them together. Trained
-models, alignments and curves go through the run store (:mod:`lmc.store`), keyed by the settings that
-determine them, so a repeated or resumed run reuses what is already computed.
+This file composes, validates, dispatches and reports; the method lives in the study
+(:mod:`lmc.studies`), the cached units it is made of in :mod:`lmc.stages`.
 """
 
 from __future__ import annotations
 
-import math
 import random
-import shutil
-import string
 import sys
-import time
 import traceback
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -26,219 +21,53 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lmc.config import check_choices, check_group_choices, check_seeds, resolve_device
-from lmc.core.alignment import align, align_many, check_merge
-from lmc.core.barriers import barriers_from_curves, layerwise_barriers
-from lmc.core.data import Dataset, from_options, split_pair
-from lmc.core.diagnostics import alignment_diagnostics
-from lmc.core.interpolation import alpha_grid, layerwise_sweep, pairwise_barriers, sweep
-from lmc.core.models import build_model
-from lmc.core.normalization import check_reset_bn, corrections, resolve_reset_bn, stat_batches
-from lmc.core.permutation import apply_permutation, permutation_spec
-from lmc.core.training import TrainConfig, TrainingDiverged, concurrently, evaluate
+from lmc.config import CONF_DIR, check_group_choices, register_configs, settings_from_config
+from lmc.core.training import TrainingDiverged
 from lmc.errors import ConfigError, StoreError
 from lmc.io import atomic_write, write_curves
-from lmc.report.plotting import plot_run
-from lmc.report.results import summary_table, write_results
+from lmc.report.results import link_models, run_results, write_results
 from lmc.report.tracking import flatten, tracker
-from lmc.stages.store import Store, StoredModel, model_settings
+from lmc.stages.settings import resolve_device
+from lmc.stages.store import Store
+from lmc.studies import Context, load_study
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+__all__ = ["CONF_DIR", "cli", "main", "run"]
 
-
-class Timings(dict):
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        yield
-        self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+register_configs()
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """The whole method for one seed pair (or, with ``align.merge``, several models); writes the run
-    directory's contract files."""
-    merge = cfg.align.get("merge", "none")
-    check_choices(cfg.data.name, cfg.model.name, cfg.align.method)
-    check_merge(merge, cfg.align.method)
-    check_reset_bn(cfg.interp.reset_bn)
-    seeds = check_seeds(cfg.seeds, at_least=merge != "none")
-    alphas = alpha_grid(cfg.interp.num_alphas)
-    device = resolve_device(cfg.device)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    store = Store(cfg.store.root, cfg.store.on_corrupt)
+def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict:
+    """The chosen study on the composed config ``cfg``; writes the run directory's contract files and
+    returns ``results.json``'s content. ``overrides`` are the command line's (they say which keys the
+    user set explicitly)."""
+    settings = settings_from_config(cfg, overrides)
+    study, options = load_study(settings.study)
+    study.check(settings, options)
+    device = resolve_device(settings.device)
+    store = Store(settings.store.root, settings.store.on_corrupt)
     store.check_writable()
-    timings = Timings()
-
-    with timings("data"):
-        data = from_options(cfg.data, device)
-    splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
-    eval_batch = cfg.interp.eval_batch_size
-
-    with tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{'-'.join(map(str, seeds))}") as track:
-        with timings("train"):
-            stored = train_endpoints(cfg, store, data, device)
-        models = [s.model for s in stored[: len(seeds)]]
-        model_a, model_b = models[:2]
-        endpoints = {tag: {split: dict(zip(("loss", "acc"), evaluate(m, *xy, eval_batch)))
-                           for split, xy in splits.items()} for tag, m in zip("ab", models)}
-        tags = [*string.ascii_lowercase[: len(seeds)], "parent"]
-        hashes = {tag: s.hash for tag, s in zip(tags, stored)}
-        reused = {tag: s.reused for tag, s in zip(tags, stored)}
-
-        with timings("align"):
-            spec = permutation_spec(model_a, data.x_train[:2])
-            sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-            candidates, diagnostics, pairwise = {"naive": (sd_b, None)}, {}, {}
-            params = [dict(m.named_parameters()) for m in (model_a, model_b)]
-
-            def with_diagnostics(perm):
-                return perm, alignment_diagnostics(spec, *params, perm)
-
-            if merge != "none":  # several models, all aligned into A's frame; barriers between every two
-                perms = align_many(cfg.align.method, merge, spec, models, data, cfg.align)
-                sds = [m.state_dict() for m in models]
-                aligned = [apply_permutation(spec, p, sd) for p, sd in zip(perms, sds)]
-                pairwise = {name: pairwise_barriers(model_a, group, alphas, splits, seeds, batch_size=eval_batch)
-                            for name, group in (("naive", sds), (cfg.align.method, aligned))}
-                (perm, diagnostic), perm_hash = with_diagnostics(perms[1]), None
-            elif cfg.align.method != "none":  # the permutation and its diagnostics, from the store or computed
-                (perm, diagnostic), perm_hash, reused["align"] = store.alignment(
-                    {"align": OmegaConf.to_container(cfg.align, resolve=True), "a": hashes["a"], "b": hashes["b"]},
-                    lambda: with_diagnostics(align(cfg.align.method, spec, model_a, model_b, data, cfg.align)))
-                hashes["align"] = perm_hash
-            if cfg.align.method != "none":
-                candidates[cfg.align.method] = (apply_permutation(spec, perm, sd_b), perm_hash)
-                diagnostics[cfg.align.method] = diagnostic
-
-        with timings("interpolate"):
-            norm = {"reset_bn": resolve_reset_bn(cfg.interp.reset_bn, model_a), "repair": bool(cfg.interp.repair)}
-            rows = []
-            for method, (sd, perm_hash) in candidates.items():
-                key = {"interp": OmegaConf.to_container(cfg.interp, resolve=True), "method": method,
-                       "a": hashes["a"], "b": hashes["b"], "alignment": perm_hash}
-                method_rows, hashes[f"curves/{method}"], reused[f"curves/{method}"] = store.curves(
-                    key, partial(interpolation_curves, cfg.interp, model_a, sd_a, sd, alphas, splits, method,
-                                 spec.layers, data.x_train, norm, cfg.progress))
-                rows += method_rows
-
-        results = {
-            "experiment": cfg.name,
-            "seeds": seeds,
-            "config": config,
-            "endpoints": endpoints,
-            "barriers": barriers_from_curves(rows),
-            "layerwise": layerwise_barriers(rows, endpoints) if cfg.interp.layerwise else {},
-            "diagnostics": diagnostics,
-            **({"pairwise": pairwise} if pairwise else {}),
-            "normalization": norm,  # corrections applied to every interpolated network (method label suffix)
-            "timings": dict(timings),
-            "store": {"root": str(store.root), "hashes": hashes},
-            "reused": reused,
-        }
-        with timings("report"):
-            write_curves(run_dir, rows)
-            write_results(run_dir, results)
-            plots = plot_run(run_dir, results, rows)
-            _link_models(run_dir, stored)
-        results["timings"] = dict(timings)
-        write_results(run_dir, results)
-        track.log_curves(rows)
+    ctx = Context(settings, options, Path(run_dir), store, device)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{settings.name}/{'-'.join(map(str, settings.seeds))}"
+    with tracker(asdict(settings.logger), ctx.run_dir, settings.config, name=name) as track:
+        result = study.run(ctx)
+        results = run_results(settings.name, study.name, result.seeds, settings.config, result.tables, ctx.timings,
+                              store.root, result.hashes, result.reused)
+        with ctx.timings("report"):
+            write_curves(ctx.run_dir, result.rows)
+            write_results(ctx.run_dir, results)
+            plots = study.figures(ctx.run_dir, results, result.rows)
+            link_models(ctx.run_dir, result.models)
+        results["timings"] = dict(ctx.timings)
+        write_results(ctx.run_dir, results)
+        track.log_curves(result.rows)
         track.log_images(plots)
-        track.log_summary({**flatten("barrier", results["barriers"]), **flatten("layerwise", results["layerwise"]),
-                           **flatten("endpoint", endpoints), **flatten("diagnostics", diagnostics),
-                           **flatten("pairwise", pairwise)})
-    print(summary_table(results))
-    print(f"run directory: {run_dir}")
+        track.log_summary(flatten("", {k: v for k, v in result.tables.items() if isinstance(v, dict)}))
+    print(study.summary(results))
+    print(f"run directory: {ctx.run_dir}")
     return results
-
-
-def train_endpoints(cfg: DictConfig, store: Store, data: Dataset, device: torch.device) -> list[StoredModel]:
-    """Models A and B (C, … when merging; then, with ``spawn.step=k``, their common parent), from the
-    store or trained.
-
-    Without spawning, model X has init seed ``seeds[X]``, data-order seed ``data_seeds[X]`` and
-    augmentation seed ``aug_seeds[X]`` (both default to ``seeds``), and trains on its part of
-    ``data.split`` (:func:`lmc.data.split_pair`; all of the training set by default). With
-    ``spawn.step=k`` (Frankle et al.'s instability analysis) one parent (init ``seeds[0]``) trains k
-    steps, then every model continues from it with its own data-order/augmentation seeds.
-    With ``train.concurrent_pair`` the models train at the same time (one CUDA stream each).
-    """
-    seeds = check_seeds(cfg.seeds, at_least=cfg.align.get("merge", "none") != "none")
-    count = len(seeds)
-    data_seeds = seeds if cfg.data_seeds is None else check_seeds(cfg.data_seeds, count, name="data_seeds",
-                                                                  distinct=False)
-    aug_seeds = seeds if cfg.aug_seeds is None else check_seeds(cfg.aug_seeds, count, name="aug_seeds",
-                                                                distinct=False)
-    train_cfg = TrainConfig(**cfg.train)
-    split = cfg.data.get("split", "none")
-    parts = split_pair(data, split, cfg.data.get("split_fraction", 0.2), cfg.data.get("split_seed", 0))
-    if split != "none" and count != 2:
-        raise ConfigError(f"data.split={split} trains exactly two models, got seeds={seeds}; use data.split=none")
-    parts = [*parts, *[data] * (count - 2)]
-    common = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "train")}
-
-    def build():
-        return build_model(cfg.model.name, data.input_shape, data.num_classes, **_model_kwargs(cfg.model)).to(device)
-
-    def get(i, init, data_seed, aug_seed, spawn=None, **kw):
-        tag = "parent" if spawn and "stop_step" in spawn else string.ascii_lowercase[i]
-        settings = model_settings(**common, init_seed=init, data_seed=data_seed, aug_seed=aug_seed, spawn=spawn,
-                                  data_part=i if split != "none" else None)
-        return store.trained_model(settings, build, parts[i], train_cfg,
-                                   progress=cfg.progress and f"train {tag} (seed {init})", **kw)
-
-    step = cfg.spawn.step
-    if step is None:
-        jobs = [partial(get, i, *s) for i, s in enumerate(zip(seeds, data_seeds, aug_seeds))]
-        return concurrently(jobs, train_cfg.concurrent_pair, device)
-    total = math.ceil(len(parts[0].y_train) / train_cfg.batch_size) * train_cfg.epochs
-    if not (isinstance(step, int) and 0 <= step <= total):
-        raise ConfigError(f"spawn.step must be an integer step in [0, {total}] (train.epochs × steps per epoch) "
-                          f"or null, got {step}")
-    if split != "none":
-        raise ConfigError(f"spawn.step needs one training set for parent and children, got data.split={split}; "
-                          "use data.split=none")
-    if len(set(zip(data_seeds, aug_seeds))) != count:
-        raise ConfigError(f"spawned children need different data_seeds or aug_seeds, got {data_seeds}, {aug_seeds}")
-    parent = get(0, seeds[0], data_seeds[0], aug_seeds[0], spawn={"stop_step": step}, stop_step=step)
-    jobs = [partial(get, i, seeds[0], d, a, spawn={"step": step, "parent": parent.hash}, start=parent.final_state)
-            for i, (d, a) in enumerate(zip(data_seeds, aug_seeds))]
-    return [*concurrently(jobs, train_cfg.concurrent_pair, device), parent]
-
-
-def interpolation_curves(interp: DictConfig, model_a, sd_a, sd_b, alphas, splits, method, layers, x_train, norm,
-                         progress) -> list[dict]:
-    """Whole-model (and layer-wise) curves from A to ``sd_b``, each α corrected by BatchNorm reset and/or
-    REPAIR (``norm``); the corrections add a suffix to the ``method`` label."""
-    batches = stat_batches(x_train, interp.stat_batches, interp.stat_batch_size, interp.stat_seed) \
-        if any(norm.values()) else []
-    correct, suffix = corrections(model_a, sd_a, sd_b, batches, **norm)
-    rows = sweep(model_a, sd_a, sd_b, alphas, splits, method + suffix, progress=progress, correct=correct,
-                 batch_size=interp.eval_batch_size)
-    if interp.layerwise:  # one layer moves: BatchNorm reset only (REPAIR targets whole-model α)
-        correct, suffix = corrections(model_a, sd_a, sd_b, batches, norm["reset_bn"], repair=False)
-        rows += layerwise_sweep(model_a, sd_a, sd_b, alphas, splits, method + suffix, layers, progress=progress,
-                                correct=correct, batch_size=interp.eval_batch_size)
-    return rows
-
-
-def _model_kwargs(model_cfg: DictConfig) -> dict:
-    return {k: v for k, v in model_cfg.items() if k != "name"}
-
-
-def _link_models(run_dir: Path, stored: list[StoredModel]) -> None:
-    """``checkpoints/model_{a,b}.pt`` in the run directory: links to the stored models."""
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    for tag, s in zip("ab", stored):
-        link = ckpt_dir / f"model_{tag}.pt"
-        link.unlink(missing_ok=True)
-        try:
-            link.symlink_to((s.path / "model.pt").resolve())
-        except OSError:
-            shutil.copyfile(s.path / "model.pt", link)
 
 
 FAILED_JOBS: set[str] = set()  # failed jobs of this command's sweep (the sweep goes on without them)
@@ -253,11 +82,12 @@ class ReportFailedJobs(Callback):
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     reset_global_state()
     try:
-        return run(cfg, run_dir)
+        return run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except Exception as exc:
         user_fault = isinstance(exc, (ConfigError, StoreError, TrainingDiverged))
         message = f"error: {exc}" if user_fault else f"error: {type(exc).__name__}: {exc}"

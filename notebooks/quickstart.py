@@ -22,11 +22,17 @@
 import os
 
 import lmc
-from lmc.core.barriers import barriers_from_curves
-from lmc.core.data import load_dataset
-from lmc.core.interpolation import alpha_grid, sweep
-from lmc.core.models import build_model
-from lmc.core.training import TrainConfig, evaluate, seeded_init, train
+from lmc import (
+    TrainConfig,
+    alpha_grid,
+    barriers_from_curves,
+    build_model,
+    evaluate,
+    load_dataset,
+    seeded_init,
+    sweep,
+    train,
+)
 
 epochs = int(os.environ.get("LMC_NOTEBOOK_EPOCHS", "30"))
 data = load_dataset("mnist1d")  # generated locally, cached under $DATA_DIR or ./data

@@ -12,7 +12,8 @@ from lmc.core.models import build_model
 from lmc.core.training import TrainConfig
 from lmc.errors import ConfigError, CorruptCheckpoint, StoreError
 from lmc.io import CheckpointDir, load_verified
-from lmc.stages.store import Store, model_settings, settings_hash
+from lmc.stages.endpoints import model_settings, trained_model
+from lmc.stages.store import Store, settings_hash
 
 QUICK = [*TINY, "interp.layerwise=false", "logger=none"]
 
@@ -49,12 +50,12 @@ def test_hash_covers_exactly_the_weight_settings():
 
 def test_store_trains_once_then_loads_bitwise(tmp_path):
     store, data, cfg = Store(tmp_path), store_data(), TrainConfig(epochs=2, batch_size=50, lr=0.01)
-    first = store.trained_model(settings(), build, data, cfg, progress=False)
+    first = trained_model(store, settings(), build, data, cfg, progress=False)
     assert not first.reused and (first.path / "meta.json").is_file()
     meta = json.loads((first.path / "meta.json").read_text())
     assert meta["hash"] == first.hash == settings_hash(settings()) and meta["settings"]["seeds"]["init"] == 0
     assert first.path == tmp_path / "models" / first.hash
-    second = store.trained_model(settings(), build, data, cfg, progress=False)
+    second = trained_model(store, settings(), build, data, cfg, progress=False)
     assert second.reused and second.history == first.history
     assert all(torch.equal(p, q) for p, q in zip(first.model.state_dict().values(),
                                                  second.model.state_dict().values()))
@@ -62,27 +63,27 @@ def test_store_trains_once_then_loads_bitwise(tmp_path):
 
 def test_spawned_children_share_the_parent(tmp_path):
     store, data, cfg = Store(tmp_path), store_data(), TrainConfig(epochs=2, batch_size=50, lr=0.05)
-    parent = store.trained_model(settings(spawn={"stop_step": 3}), build, data, cfg, progress=False, stop_step=3)
+    parent = trained_model(store, settings(spawn={"stop_step": 3}), build, data, cfg, progress=False, stop_step=3)
     assert parent.final_state["step"] == 3
-    kids = [store.trained_model(settings(data=s, aug=s, spawn={"step": 3, "parent": parent.hash}), build, data, cfg,
+    kids = [trained_model(store, settings(data=s, aug=s, spawn={"step": 3, "parent": parent.hash}), build, data, cfg,
                                 progress=False, start=parent.final_state) for s in (0, 1)]
     assert kids[0].hash != kids[1].hash
     assert not torch.equal(kids[0].model.fc1.weight, kids[1].model.fc1.weight)
     # spawned at the very end: nothing left to train, both children are the parent
-    end = store.trained_model(settings(spawn={"stop_step": 8}), build, data, cfg, progress=False, stop_step=8)
-    kids = [store.trained_model(settings(data=s, spawn={"step": 8, "parent": end.hash}), build, data, cfg,
+    end = trained_model(store, settings(spawn={"stop_step": 8}), build, data, cfg, progress=False, stop_step=8)
+    kids = [trained_model(store, settings(data=s, spawn={"step": 8, "parent": end.hash}), build, data, cfg,
                                 progress=False, start=end.final_state) for s in (0, 1)]
     for k in kids:
         assert all(torch.equal(p, q) for p, q in zip(k.model.state_dict().values(), end.model.state_dict().values()))
     # a reloaded parent still carries the state its children start from
-    again = store.trained_model(settings(spawn={"stop_step": 3}), build, data, cfg, progress=False, stop_step=3)
+    again = trained_model(store, settings(spawn={"stop_step": 3}), build, data, cfg, progress=False, stop_step=3)
     assert again.reused and again.final_state["step"] == 3
 
 
 def test_kept_checkpoints_stay_and_load(tmp_path):
     store, data = Store(tmp_path), store_data()
     cfg = TrainConfig(epochs=3, batch_size=50, lr=0.01, keep_checkpoints=[1, "6st"])
-    stored = store.trained_model(settings(epochs=3), build, data, cfg, progress=False)
+    stored = trained_model(store, settings(epochs=3), build, data, cfg, progress=False)
     kept = CheckpointDir(stored.path / "checkpoints").kept()
     assert sorted(kept) == [4, 6]  # 4 steps per epoch: end of epoch 1 and step 6
     for step, (path, sha) in kept.items():
@@ -96,13 +97,13 @@ def test_kept_checkpoints_stay_and_load(tmp_path):
 
 def test_corrupted_model_is_reported_then_retrained_on_request(tmp_path):
     data, cfg = store_data(), TrainConfig(epochs=1, batch_size=50, lr=0.01)
-    first = Store(tmp_path).trained_model(settings(epochs=1), build, data, cfg, progress=False)
+    first = trained_model(Store(tmp_path), settings(epochs=1), build, data, cfg, progress=False)
     model_pt = first.path / "model.pt"
     model_pt.write_bytes(model_pt.read_bytes()[:100])  # truncated
     with pytest.raises(CorruptCheckpoint, match=f"checkpoint {model_pt} is corrupted or truncated.*on_corrupt=retrain"):
-        Store(tmp_path).trained_model(settings(epochs=1), build, data, cfg, progress=False)
+        trained_model(Store(tmp_path), settings(epochs=1), build, data, cfg, progress=False)
     with pytest.warns(UserWarning, match="retraining"):
-        again = Store(tmp_path, on_corrupt="retrain").trained_model(settings(epochs=1), build, data, cfg,
+        again = trained_model(Store(tmp_path, on_corrupt="retrain"), settings(epochs=1), build, data, cfg,
                                                                     progress=False)
     assert not again.reused
     assert torch.equal(again.model.fc1.weight, first.model.fc1.weight)  # same settings, same weights

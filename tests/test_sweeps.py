@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from test_cli import lmc_run
 from test_config import compose_cfg
 
-from lmc.collect import collect
+from lmc.report.sweep import collect
 
 FAST = ["model.depth=1", "train.epochs=1", "interp.num_alphas=3", "interp.layerwise=false", "progress=false",
         "logger=none"]
@@ -57,7 +57,7 @@ def test_basic_launcher_sweep_survives_a_failed_job(tmp_path, data_root):
 
 def check_sweep_figure(sweep_dir, rows):
     """The barrier-vs-width figure is rebuilt from the jobs' results.json alone; failed jobs are left out."""
-    from lmc.figures import sweep_points
+    from lmc.report.sweep import sweep_points
 
     points = sweep_points(sweep_dir, "model.width")
     ok = {int(r["overrides"].split("model.width=")[1].split()[0]): r for r in rows if r["status"] == "ok"}

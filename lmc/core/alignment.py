@@ -1,14 +1,20 @@
-"""Alignment methods behind one interface: ``align(method, spec, model_a, model_b, data, options)``
-returns the permutation of B that aligns it to A (apply it with :func:`lmc.apply_permutation`).
+"""Alignment methods behind one interface, registered by name.
 
-``options`` are the ``align`` config group's keys (see ``conf/align/*.yaml``); training batches for the
-data-driven methods are drawn from ``data.x_train`` with a generator seeded by ``options.seed``.
+A method is a dataclass whose fields are its options (their defaults are the defaults of ``align=<name>``
+on the command line; each field's comment says what it does) and whose call
+
+    method(spec, model_a, model_b, data) -> Permutation | None
+
+returns the permutation of B that aligns it to A (apply it with :func:`lmc.apply_permutation`).
+A user's own method is any class of that shape, named by ``align._target_``. Training batches for
+the data-driven methods are drawn from ``data.x_train`` with a generator seeded by the method's ``seed``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -25,12 +31,18 @@ from lmc.core.permutation import (
     weight_matching,
 )
 from lmc.errors import ConfigError
+from lmc.settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, parse
 
-__all__ = ["ALIGN_METHODS", "MERGE_MODES", "align", "align_many", "check_merge", "check_same_architecture",
+__all__ = ["ALIGN_METHODS", "MERGE_MODES", "ActivationMatching", "AlignmentMethod", "NoAlignment", "STE", "Sinkhorn",
+           "WeightMatching", "align", "align_many", "check_merge", "check_same_architecture", "method_from_options",
            "train_batches"]
 
-ALIGN_METHODS = ("weight_matching", "activation_matching", "ste", "sinkhorn", "none")
-MERGE_MODES = ("none", "reference", "merge_many")
+Seed = NonNegativeInt
+
+
+class AlignmentMethod(Protocol):
+    def __call__(self, spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module,
+                 data: Dataset | None) -> Permutation | None: ...
 
 
 def _parameters(model: nn.Module) -> dict:
@@ -50,6 +62,116 @@ def train_batches(data: Dataset, batch_size: int, seed: int, labels: bool = True
             yield (data.x_train[idx], data.y_train[idx]) if labels else data.x_train[idx]
 
 
+def _needs_data(name: str, data: Dataset | None) -> Dataset:
+    if data is None:
+        raise ValueError(f"align.method {name} needs training data")
+    return data
+
+
+@dataclass
+class WeightMatching:
+    """Git Re-Basin weight matching: coordinate descent over the permutation groups in random order, one
+    linear assignment per group, until no group improves."""
+
+    max_iter: PositiveInt = 100  # passes over all groups at most
+    seed: Seed = 0  # seeds the random group order
+
+    def __call__(self, spec, model_a, model_b, data=None) -> Permutation:
+        return weight_matching(spec, _parameters(model_a), _parameters(model_b), max_iter=self.max_iter,
+                               seed=self.seed)
+
+
+@dataclass
+class ActivationMatching:
+    """Activation matching (Git Re-Basin §3.1): one linear assignment per group on the similarity of the two
+    models' activations at every permutation point, over training batches (float64 statistics)."""
+
+    similarity: Literal["correlation", "inner_product"] = "correlation"  # Pearson, or uncentred second moment
+    num_batches: PositiveInt = 10  # training batches the statistics are accumulated over
+    batch_size: PositiveInt = 256  # examples per batch
+    seed: Seed = 0  # seeds which training batches are drawn
+
+    def __call__(self, spec, model_a, model_b, data=None) -> Permutation:
+        batches = train_batches(_needs_data("activation_matching", data), self.batch_size, self.seed, labels=False)
+        return activation_matching(spec, model_a, model_b, (next(batches) for _ in range(self.num_batches)),
+                                   similarity=self.similarity)
+
+
+@dataclass
+class STE:
+    """Straight-through estimator (Git Re-Basin §3.3): learn free weights, project B onto them by weight
+    matching each step, minimise the midpoint loss (α = 0.5) with the straight-through gradient."""
+
+    steps: PositiveInt = 1000  # optimisation steps (one training batch each)
+    lr: PositiveFloat = 1e-3  # Adam learning rate of the free weights
+    batch_size: PositiveInt = 256  # examples per step
+    max_iter: PositiveInt = 100  # weight-matching passes per projection (warm-started from the previous step)
+    seed: Seed = 0  # seeds batch order and weight-matching group order
+
+    def __call__(self, spec, model_a, model_b, data=None) -> Permutation:
+        batches = train_batches(_needs_data("ste", data), self.batch_size, self.seed)
+        return ste(spec, model_a, model_a.state_dict(), model_b.state_dict(), batches, steps=self.steps, lr=self.lr,
+                   seed=self.seed, wm_max_iter=self.max_iter)
+
+
+@dataclass
+class Sinkhorn:
+    """Sinkhorn re-basin (Peña et al. 2023): learnable logits per group, soft permutations Sinkhorn(logits/τ)
+    with τ annealed geometrically, hard permutation by linear assignment of the final logits."""
+
+    objective: Literal["midpoint", "weight_distance"] = "midpoint"  # loss of (θ_A + P θ_B)/2 on training
+    # batches | ‖θ_A − P θ_B‖²
+    steps: PositiveInt = 1000  # optimisation steps (one training batch each for the midpoint objective)
+    lr: PositiveFloat = 0.1  # Adam learning rate of the logits
+    batch_size: PositiveInt = 256  # examples per step (midpoint objective)
+    tau_start: PositiveFloat = 1.0  # Sinkhorn temperature at the first step
+    tau_end: PositiveFloat = 0.05  # ... and at the last step
+    sinkhorn_iters: PositiveInt = 20  # row/column normalisations per soft permutation
+    init: Literal["random", "weight_matching"] = "random"  # near-uniform soft permutations | start at WM's result
+    init_noise: NonNegativeFloat = 0.01  # std of the random initial logits
+    init_scale: PositiveFloat = 1.0  # logit added on the weight-matching permutation (init=weight_matching)
+    seed: Seed = 0  # seeds initial logits and batch order
+
+    def __call__(self, spec, model_a, model_b, data=None) -> Permutation:
+        batches = train_batches(_needs_data("sinkhorn", data), self.batch_size, self.seed)
+        return sinkhorn_rebasin(
+            spec, model_a, model_a.state_dict(), model_b.state_dict(), batches, objective=self.objective,
+            steps=self.steps, lr=self.lr, tau_start=self.tau_start, tau_end=self.tau_end,
+            sinkhorn_iters=self.sinkhorn_iters, init=self.init, init_noise=self.init_noise,
+            init_scale=self.init_scale, seed=self.seed)
+
+
+@dataclass
+class NoAlignment:
+    """No alignment: only the naive interpolation of the two endpoints."""
+
+    def __call__(self, spec, model_a, model_b, data=None) -> None:
+        return None
+
+
+ALIGN_METHODS: dict[str, type] = {  # align.method -> class
+    "weight_matching": WeightMatching,
+    "activation_matching": ActivationMatching,
+    "ste": STE,
+    "sinkhorn": Sinkhorn,
+    "none": NoAlignment,
+}
+MERGE_MODES = ("none", "reference", "merge_many")
+
+
+def method_from_options(method: str, options: Mapping[str, Any] | None = None) -> AlignmentMethod:
+    """The built-in method ``method`` with ``options`` (its fields; unknown keys refused)."""
+    if method not in ALIGN_METHODS:
+        raise ConfigError(f"unknown align.method '{method}'; valid: {', '.join(sorted(ALIGN_METHODS))}")
+    return parse(ALIGN_METHODS[method], dict(options or {}), "align", f" for align.method={method}")
+
+
+def _own_options(method: str, options: Mapping[str, Any] | None) -> dict:
+    cls = ALIGN_METHODS.get(method)
+    names = {f.name for f in fields(cls)} if cls is not None else set()
+    return {k: v for k, v in (options or {}).items() if k in names}
+
+
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
     """ConfigError unless both models have the same parameter and buffer names and shapes."""
     shapes_a = {k: tuple(v.shape) for k, v in model_a.state_dict().items()}
@@ -61,45 +183,20 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
 
 
 def align(
-    method: str,
+    method: str | AlignmentMethod,
     spec: PermutationSpec,
     model_a: nn.Module,
     model_b: nn.Module,
     data: Dataset | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> Permutation | None:
-    """Permutation of ``model_b`` aligning it to ``model_a`` by ``method`` (``None`` for ``none``)."""
-    o = dict(options or {})
-    seed = int(o.get("seed", 0))
+    """Permutation of ``model_b`` aligning it to ``model_a`` by ``method`` (a built-in name, or a method
+    object); ``None`` for ``none``. With a name, ``options`` may hold every method's options (an ``align``
+    config section): those of ``method`` are used and checked, the others' left alone."""
+    if isinstance(method, str):
+        method = method_from_options(method, _own_options(method, options))
     check_same_architecture(model_a, model_b)
-    if method == "none":
-        return None
-    if method == "weight_matching":
-        return weight_matching(spec, _parameters(model_a), _parameters(model_b),
-                               max_iter=int(o.get("max_iter", 100)), seed=seed)
-    if method not in ALIGN_METHODS:
-        raise ConfigError(f"unknown align.method '{method}'; valid: {', '.join(ALIGN_METHODS)}")
-    if data is None:
-        raise ValueError(f"align.method {method} needs training data")
-    batch_size = int(o.get("batch_size", 256))
-    if method == "activation_matching":
-        batches = train_batches(data, batch_size, seed, labels=False)
-        num = int(o.get("num_batches", 10))
-        if num < 1:
-            raise ConfigError(f"align.num_batches must be a positive integer, got {num}")
-        return activation_matching(spec, model_a, model_b, (next(batches) for _ in range(num)),
-                                   similarity=str(o.get("similarity", "correlation")))
-    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    batches = train_batches(data, batch_size, seed)
-    if method == "ste":
-        return ste(spec, model_a, sd_a, sd_b, batches, steps=int(o.get("steps", 1000)), lr=float(o.get("lr", 1e-3)),
-                   seed=seed, wm_max_iter=int(o.get("max_iter", 100)))
-    return sinkhorn_rebasin(
-        spec, model_a, sd_a, sd_b, batches, objective=str(o.get("objective", "midpoint")),
-        steps=int(o.get("steps", 1000)), lr=float(o.get("lr", 0.1)), tau_start=float(o.get("tau_start", 1.0)),
-        tau_end=float(o.get("tau_end", 0.05)), sinkhorn_iters=int(o.get("sinkhorn_iters", 20)),
-        init=str(o.get("init", "random")), init_noise=float(o.get("init_noise", 0.01)),
-        init_scale=float(o.get("init_scale", 1.0)), seed=seed)
+    return method(spec, model_a, model_b, data)
 
 
 def check_merge(merge: str, method: str) -> None:
@@ -115,7 +212,7 @@ def check_merge(merge: str, method: str) -> None:
 
 
 def align_many(
-    method: str,
+    method: str | AlignmentMethod,
     merge: str,
     spec: PermutationSpec,
     models: list[nn.Module],
@@ -125,14 +222,17 @@ def align_many(
     """Permutations aligning every model into the first model's frame (the first gets the identity).
 
     ``merge="reference"`` aligns each model to the first by ``method``; ``merge="merge_many"`` runs Git
-    Re-Basin's MergeMany (weight matching to the mean of the others) and re-expresses its permutations
-    in the first model's frame.
+    Re-Basin's MergeMany (weight matching to the mean of the others, with the method's ``max_iter`` and
+    ``seed``) and re-expresses its permutations in the first model's frame.
     """
-    check_merge(merge, method)
+    if isinstance(method, str):
+        check_merge(merge, method)
+        method = method_from_options(method, _own_options(method, options))
     if merge == "reference":
-        return [identity_permutation(spec)] + [align(method, spec, models[0], m, data, options) for m in models[1:]]
-    o = dict(options or {})
-    perms, _ = merge_many(spec, [m.state_dict() for m in models], max_iter=int(o.get("max_iter", 100)),
-                          seed=int(o.get("seed", 0)))
+        return [identity_permutation(spec)] + [align(method, spec, models[0], m, data) for m in models[1:]]
+    if not isinstance(method, WeightMatching):
+        raise ConfigError(f"align.merge=merge_many uses weight matching, got {type(method).__name__}; "
+                          "valid: weight_matching")
+    perms, _ = merge_many(spec, [m.state_dict() for m in models], max_iter=method.max_iter, seed=method.seed)
     back = {g: torch.argsort(p) for g, p in perms[0].items()}
     return [{g: p[g][back[g]] for g in p} for p in perms]

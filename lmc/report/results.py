@@ -6,12 +6,43 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from lmc.io import atomic_write
 
-__all__ = ["read_results", "summary_table", "write_results"]
+__all__ = ["link_models", "read_results", "run_results", "summary_table", "write_results"]
+
+
+def run_results(experiment: str, study: str, seeds: list, config: Mapping, tables: Mapping, timings: Mapping,
+                store_root: str, hashes: Mapping, reused: Mapping) -> dict:
+    """``results.json`` of a run: the keys every study writes, with the study's own tables in the middle."""
+    return {
+        "experiment": experiment,
+        "study": study,
+        "seeds": list(seeds),
+        "config": dict(config),
+        **tables,
+        "timings": dict(timings),
+        "store": {"root": str(store_root), "hashes": dict(hashes)},
+        "reused": dict(reused),
+    }
+
+
+def link_models(run_dir: Path, models: Mapping[str, Any]) -> None:
+    """``checkpoints/model_<tag>.pt`` in the run directory: links to the stored models (``models`` maps a
+    tag to anything with the store entry's ``path``), copies where links are not possible."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    for tag, stored in models.items():
+        link = ckpt_dir / f"model_{tag}.pt"
+        link.unlink(missing_ok=True)
+        try:
+            link.symlink_to((stored.path / "model.pt").resolve())
+        except OSError:
+            shutil.copyfile(stored.path / "model.pt", link)
 
 def write_results(run_dir: str | os.PathLike, results: Mapping) -> Path:
     path = Path(run_dir) / "results.json"

@@ -1,4 +1,4 @@
-"""The run store: every trained model, alignment and interpolation curve, kept once and found by hash.
+"""The run store: every trained model, alignment and set of curves, kept once and found by hash.
 
 A stored object lives in ``<root>/<kind>/<hash>/`` where ``hash`` is the first 16 hex digits of the
 sha256 of the canonical JSON of exactly the settings that determine it (as open_lth names runs):
@@ -14,6 +14,9 @@ sha256 of the canonical JSON of exactly the settings that determine it (as open_
 Logging, device, progress bars and the store's own settings are not part of any hash. A run that
 needs an object the store holds loads it instead of computing it; writes are atomic, and a model is
 trained by one process at a time (a lock file), so concurrent jobs of a sweep share the work.
+
+This module is the store itself (entries, locks, derived results); what goes into each kind of entry
+is the stages' business (:mod:`lmc.stages.endpoints`, :mod:`lmc.stages.alignment`, :mod:`lmc.stages.curves`).
 """
 
 from __future__ import annotations
@@ -27,23 +30,15 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from lmc.core.data import Dataset
-from lmc.core.training import TrainConfig, seeded_init, train
 from lmc.errors import ConfigError, CorruptCheckpoint, StoreError
-from lmc.io import CheckpointDir, atomic_write, load_verified, read_curves, save_atomic, write_curves
+from lmc.io import atomic_write
 
-__all__ = ["ON_CORRUPT", "Store", "StoredModel", "model_settings", "settings_hash"]
+__all__ = ["ON_CORRUPT", "Store", "settings_hash"]
 
 ON_CORRUPT = ("error", "retrain")
-NOT_DATA_IDENTITY = ("root", "download")  # where the data lives, not what it is
-NOT_TRAIN_IDENTITY = ("checkpoint_every", "keep_checkpoints", "concurrent_pair", "compile")  # not the weights
 
 
 def settings_hash(settings: Mapping) -> str:
@@ -63,40 +58,6 @@ def _canonical(value):
     return value
 
 
-def model_settings(
-    data: Mapping,
-    model: Mapping,
-    train: Mapping,
-    init_seed: int,
-    data_seed: int,
-    aug_seed: int,
-    spawn: Mapping | None = None,
-    data_part: int | None = None,
-) -> dict:
-    """The settings that determine a trained model's weights (its store identity). ``data_part`` is
-    the model's part of a split training set (``data.split``), ``None`` when it trains on all of it."""
-    settings = {
-        "data": {k: v for k, v in data.items() if k not in NOT_DATA_IDENTITY},
-        "model": dict(model),
-        "train": {k: v for k, v in train.items() if k not in NOT_TRAIN_IDENTITY},
-        "seeds": {"init": init_seed, "data": data_seed, "aug": aug_seed},
-        "spawn": dict(spawn) if spawn else None,
-    }
-    if data_part is not None:
-        settings["data_part"] = data_part
-    return settings
-
-
-@dataclass
-class StoredModel:
-    model: nn.Module
-    hash: str
-    path: Path  # the entry's folder
-    reused: bool  # loaded from the store rather than trained by this call
-    history: list[dict] = field(default_factory=list)
-    final_state: dict | None = None  # full training state at the end (spawn parents: the children start here)
-
-
 class Store:
     """Trained models, alignments and curves under ``root``, keyed by the hash of their settings."""
 
@@ -107,7 +68,10 @@ class Store:
         self.on_corrupt = on_corrupt
 
     def check_writable(self) -> None:
-        """Create the root if needed and prove it writable; StoreError naming the path otherwise."""
+        """Prove the root writable (StoreError naming the path otherwise) without leaving anything behind:
+        folders this check had to create are removed again, so a run that fails before its first entry
+        leaves no trace in the store."""
+        created = [p for p in (self.root, *self.root.parents) if not p.exists()]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test-{os.getpid()}"
@@ -116,89 +80,31 @@ class Store:
         except OSError as exc:
             raise StoreError(f"store.root '{self.root}' is not writable ({exc.strerror or exc}); "
                              f"set store.root=<folder> or $LMC_STORE") from None
+        finally:
+            for folder in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def entry(self, kind: str, settings: Mapping) -> tuple[str, Path]:
         h = settings_hash(settings)
         return h, self.root / kind / h
 
-    # ----------------------------------------------------------------------------------- models
-
-    def trained_model(
-        self,
-        settings: Mapping,
-        build: Callable[[], nn.Module],
-        data: Dataset,
-        train_cfg: TrainConfig,
-        progress: bool | str = True,
-        stop_step: int | None = None,
-        start: Mapping | None = None,
-    ) -> StoredModel:
-        """The model of ``settings``: loaded when stored, else trained (resuming from its checkpoints).
-
-        ``build()`` makes the architecture on the training device; the init seed, data-order seed and
-        augmentation seed are ``settings['seeds']``. ``stop_step``/``start`` as in :func:`train`.
-        """
-        h, path = self.entry("models", settings)
-        with self._lock(path):
-            for attempt in range(2):
-                try:
-                    if (path / "meta.json").exists():
-                        return self._load_model(settings, h, path, build)
-                    return self._train_model(settings, h, path, build, data, train_cfg, progress, stop_step, start)
-                except CorruptCheckpoint as exc:
-                    if self.on_corrupt != "retrain" or attempt:
-                        raise CorruptCheckpoint(f"{exc}; set store.on_corrupt=retrain to retrain it") from None
-                    self._set_aside(path, exc)
-        raise AssertionError("unreachable")
-
-    def _load_model(self, settings, h, path, build) -> StoredModel:
-        meta = self._read_meta(path)
-        stored = load_verified(path / "model.pt", meta.get("sha256"))
-        model = build()
-        try:
-            model.load_state_dict(stored["model"])
-        except (KeyError, RuntimeError) as exc:
-            raise CorruptCheckpoint(f"checkpoint {path / 'model.pt'} does not fit the model "
-                                    f"({type(exc).__name__})") from None
-        model.eval()
-        return StoredModel(model, h, path, True, stored.get("history", []), stored.get("final_state"))
-
-    def _train_model(self, settings, h, path, build, data, train_cfg, progress, stop_step, start) -> StoredModel:
-        seeds = settings["seeds"]
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / "settings.json", json.dumps(settings, indent=2, default=str) + "\n")
-        model = seeded_init(build, seeds["init"])
-        checkpoints = CheckpointDir(path / "checkpoints")
-        if checkpoints.latest_file() is not None:
-            print(f"resuming {path} from {checkpoints.latest_file().name}", flush=True)
-        t0 = time.perf_counter()
-        history = train(model, data, train_cfg, data_seed=seeds["data"], aug_seed=seeds["aug"], progress=progress,
-                        checkpoints=checkpoints, stop_step=stop_step, start=start)
-        final = checkpoints.latest() if stop_step is not None else None
-        stored = {"model": model.state_dict(), "history": history, "settings": settings, "final_state": final}
-        sha = save_atomic(path / "model.pt", stored)
-        meta = {"hash": h, "settings": settings, "sha256": sha, "history": history,
-                "train_seconds": time.perf_counter() - t0, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write(path / "meta.json", json.dumps(meta, indent=2, default=str) + "\n")
-        checkpoints.drop_latest()  # model.pt holds it now; kept checkpoints stay
-        return StoredModel(model, h, path, False, history, final)
-
     @staticmethod
-    def _read_meta(path: Path) -> dict:
+    def read_meta(path: Path) -> dict:
         try:
             return json.loads((path / "meta.json").read_text())
         except (OSError, ValueError):
             raise CorruptCheckpoint(f"store entry {path / 'meta.json'} is corrupted") from None
 
     @staticmethod
-    def _set_aside(path: Path, exc: Exception) -> None:
+    def set_aside(path: Path, exc: Exception) -> None:
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         warnings.warn(f"{exc}; moved {path} to {aside} and retraining (store.on_corrupt=retrain)", stacklevel=3)
         shutil.move(str(path), str(aside))
 
     @contextlib.contextmanager
-    def _lock(self, path: Path) -> Iterator[None]:
-        """One process at a time trains a given model; the others wait, then load it."""
+    def lock(self, path: Path) -> Iterator[None]:
+        """One process at a time computes a given entry (trains a model); the others wait, then load it."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.parent / f".{path.name}.lock", "w") as f:
             try:
@@ -234,14 +140,3 @@ class Store:
         write(path, value)
         atomic_write(path / "meta.json", json.dumps({"hash": h, "settings": settings}, indent=2, default=str) + "\n")
         return value, h, False
-
-    def alignment(self, settings: Mapping, compute: Callable[[], tuple[Any, dict]]) -> tuple[Any, str, bool]:
-        """``(permutation, diagnostics)`` (``compute()``'s pair: a dict of index tensors and a dict of
-        numbers) stored as ``alignments/<hash>/perm.pt``."""
-        return self.cached("alignments", settings, compute,
-                           lambda p, value: save_atomic(p / "perm.pt", dict(zip(("perm", "diagnostics"), value))),
-                           lambda p: itemgetter("perm", "diagnostics")(load_verified(p / "perm.pt")))
-
-    def curves(self, settings: Mapping, compute: Callable[[], list[dict]]) -> tuple[list[dict], str, bool]:
-        """Curve rows stored as ``curves/<hash>/curves.csv``."""
-        return self.cached("curves", settings, compute, write_curves, read_curves)

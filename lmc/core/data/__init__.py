@@ -9,24 +9,35 @@ from its own generator (``aug_seed``), separate from model init and data order.
 Fetch a dataset once before a sweep, so parallel jobs never race to download it::
 
     python -m lmc.data download cifar10 [--root DIR]
+
+Besides the built-in datasets: your own tensors in a file (``tensors``: ``.npz`` or ``.pt`` holding
+``x_train, y_train, x_test, y_test``), or your own loader named by its import path (a class or
+function returning those four arrays). Every loaded dataset carries a fingerprint, the sha256 of the
+arrays actually loaded, so that results computed on other data are never mistaken for these.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from lmc.errors import ConfigError
+from lmc.settings import locate, parse_options
 
-__all__ = ["DATASETS", "SPLITS", "Augmentation", "Dataset", "default_data_root", "download", "from_options",
-           "load_dataset", "split_pair"]
+__all__ = ["ARRAYS", "DATASETS", "SPLITS", "Augmentation", "Dataset", "default_data_root", "download", "fingerprint",
+           "from_options", "load_arrays", "load_dataset", "split_pair", "tensors"]
+
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")  # what every dataset provides
 
 
 @dataclass
@@ -72,6 +83,7 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     augment: Augmentation | None = field(default=None, compare=False)  # applied to training batches
+    fingerprint: str = ""  # sha256 of the arrays as loaded (before normalisation): the data's store identity
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -161,47 +173,162 @@ def _torchvision(cls_name: str, folder: str, svhn: bool = False):
     return read
 
 
+def tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """A user's dataset from one file: ``.npz`` (``numpy.savez``) or ``.pt`` (``torch.save`` of a dict)
+    holding ``x_train, y_train, x_test, y_test``; labels are integers 0..C−1 (C counted from them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data.path '{path}' is not a file; give an .npz or .pt file holding "
+                          f"{', '.join(ARRAYS)}")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        elif path.suffix == ".pt":
+            arrays = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ConfigError(f"data.path '{path}' must end in .npz or .pt, got '{path.suffix}'")
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is one line
+        why = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        raise ConfigError(f"data.path '{path}' cannot be read ({why})") from None
+    if not isinstance(arrays, Mapping):
+        raise ConfigError(f"data.path '{path}' holds a {type(arrays).__name__}; it must hold a dict of "
+                          f"{', '.join(ARRAYS)}")
+    return dict(arrays)
+
+
 _NAME_OF = {"MNIST": "mnist", "FashionMNIST": "fashion_mnist", "CIFAR10": "cifar10", "CIFAR100": "cifar100",
             "SVHN": "svhn"}
 
-# name -> (reader, number of classes)
-DATASETS = {
+# name -> (reader, number of classes; None: counted from the labels)
+DATASETS: dict[str, tuple[Callable, int | None]] = {
     "mnist1d": (_mnist1d, 10),
     "mnist": (_torchvision("MNIST", "MNIST/raw"), 10),
     "fashion_mnist": (_torchvision("FashionMNIST", "FashionMNIST/raw"), 10),
     "cifar10": (_torchvision("CIFAR10", "cifar-10-batches-py"), 10),
     "cifar100": (_torchvision("CIFAR100", "cifar-100-python"), 100),
     "svhn": (_torchvision("SVHN", "svhn", svhn=True), 10),
+    "tensors": (tensors, None),
 }
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset '{name}'; valid: {', '.join(sorted(DATASETS))}")
 
 
+def fingerprint(arrays: Mapping[str, Any]) -> str:
+    """sha256 (16 hex digits) of the four arrays: dtype, shape and bytes of each."""
+    digest = hashlib.sha256()
+    for key in ARRAYS:
+        a = arrays[key]
+        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        a = np.ascontiguousarray(a)
+        digest.update(f"{key}:{a.dtype.str}:{a.shape};".encode())
+        digest.update(a.data if a.size else b"")
+    return digest.hexdigest()[:16]
+
+
+def _reader(source: str | Callable) -> tuple[Callable, int | None, str]:
+    """A built-in dataset's reader by name, or a user's loader (a callable, or its import path)."""
+    if callable(source):
+        return source, None, f"{source.__module__}.{source.__qualname__}"
+    if isinstance(source, str) and source in DATASETS:
+        return (*DATASETS[source], source)
+    if isinstance(source, str) and "." in source:
+        return locate(source, "data._target_"), None, source
+    raise ConfigError(f"unknown dataset '{source}'; valid: {', '.join(sorted(DATASETS))}, or data._target_="
+                      "<your loader's import path>")
+
+
+def load_arrays(source: str | Callable, root: str | os.PathLike | None = None, download: bool = False,
+                **options) -> tuple[dict[str, Any], int]:
+    """The four arrays of a dataset and its number of classes.
+
+    ``source`` is a built-in name (``options``: ``path`` for ``tensors``) or a user's loader: a
+    class or function called with ``options`` (and ``root`` / ``download`` if it takes them) that
+    returns a mapping — or an object with attributes — ``x_train, y_train, x_test, y_test`` (numpy
+    arrays or tensors; labels integers), optionally ``num_classes`` (default: counted from the labels).
+    """
+    reader, classes, what = _reader(source)
+    if reader in (entry[0] for entry in DATASETS.values()) and source != "tensors":
+        if options:
+            raise ConfigError(f"unknown key data.{next(iter(options))} for dataset '{source}'")
+        arrays = dict(zip(ARRAYS, reader(Path(root) if root else default_data_root(), download=download)))
+    else:
+        params = inspect.signature(reader).parameters
+        extra = {k: v for k, v in (("root", root), ("download", download)) if k in params and k not in options}
+        kwargs = parse_options(reader, options, "data", f"dataset {what}")
+        try:
+            produced = reader(**kwargs, **extra)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a user's loader failing is one line
+            raise ConfigError(f"dataset {what} failed: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+        arrays = _arrays_of(produced, what)
+        classes = arrays.pop("num_classes", None)
+    arrays = {k: arrays[k] for k in ARRAYS}
+    _check_arrays(arrays, what)
+    if classes is None:
+        labels = [np.asarray(arrays[k].cpu() if isinstance(arrays[k], torch.Tensor) else arrays[k])
+                  for k in ("y_train", "y_test")]
+        classes = int(max(int(y.max()) for y in labels if y.size)) + 1
+    return arrays, int(classes)
+
+
+def _arrays_of(produced: Any, what: str) -> dict[str, Any]:
+    getter = produced.get if isinstance(produced, Mapping) else lambda k, d=None: getattr(produced, k, d)
+    missing = [k for k in ARRAYS if getter(k) is None]
+    if missing:
+        raise ConfigError(f"dataset {what} gave no {missing[0]}; it must give {', '.join(ARRAYS)} "
+                          "(a mapping or attributes)")
+    out = {k: getter(k) for k in ARRAYS}
+    if getter("num_classes") is not None:
+        out["num_classes"] = getter("num_classes")
+    return out
+
+
+def _check_arrays(arrays: Mapping[str, Any], what: str) -> None:
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        y_np = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
+        if len(x) != len(y_np) or y_np.ndim != 1:
+            raise ConfigError(f"dataset {what}: x_{split} has {len(x)} examples but y_{split} has shape "
+                              f"{tuple(y_np.shape)}; labels must be one integer per example")
+        if not len(x):
+            raise ConfigError(f"dataset {what}: x_{split} is empty")
+        if not np.issubdtype(y_np.dtype, np.integer) or y_np.min() < 0:
+            raise ConfigError(f"dataset {what}: y_{split} must hold integer labels 0..C-1, got dtype {y_np.dtype}"
+                              f"{'' if not np.issubdtype(y_np.dtype, np.integer) else f' with minimum {y_np.min()}'}")
+    if tuple(np.shape(arrays["x_train"])[1:]) != tuple(np.shape(arrays["x_test"])[1:]):
+        raise ConfigError(f"dataset {what}: x_train examples have shape {tuple(np.shape(arrays['x_train'])[1:])} "
+                          f"but x_test examples {tuple(np.shape(arrays['x_test'])[1:])}")
+
+
 def load_dataset(
-    name: str,
+    name: str | Callable,
     root: str | os.PathLike | None = None,
     download: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     device: torch.device | str = "cpu",
     augment: Augmentation | None = None,
+    **options,
 ) -> Dataset:
-    """Load dataset ``name`` from ``root`` (default: :func:`default_data_root`) onto ``device``.
+    """Load dataset ``name`` (a built-in name or a user's loader, :func:`load_arrays`) onto ``device``.
 
     Images (uint8) become float in [0, 1] on the device, then ``(x − mean) / std`` per channel when
     ``mean``/``std`` are given (the constants live in ``conf/data/<name>.yaml``). ``download=True``
     fetches a missing dataset; without it a missing dataset is a :class:`ConfigError` saying where
-    lmc looked and how to fetch it. ``augment`` is kept on the dataset for :func:`lmc.training.train`.
+    lmc looked and how to fetch it. ``augment`` is kept on the dataset for :func:`lmc.core.training.train`.
     """
-    _check_name(name)
-    reader, num_classes = DATASETS[name]
-    x_train, y_train, x_test, y_test = reader(Path(root) if root else default_data_root(), download=download)
+    arrays, num_classes = load_arrays(name, root, download, **options)
+    digest = fingerprint(arrays)
 
-    def prepare(x: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(x).to(device)
+    def prepare(x) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(device)
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         else:
@@ -213,23 +340,31 @@ def load_dataset(
             x = (x - m.view(shape)) / s.view(shape)
         return x
 
-    def labels(y: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(y), dtype=torch.long).to(device)
+    def labels(y) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y), dtype=torch.long).to(device)
 
-    return Dataset(name, prepare(x_train), labels(y_train), prepare(x_test), labels(y_test), num_classes,
-                   augment=augment)
+    label = name if isinstance(name, str) else f"{name.__module__}.{name.__qualname__}"
+    return Dataset(label, prepare(arrays["x_train"]), labels(arrays["y_train"]), prepare(arrays["x_test"]),
+                   labels(arrays["y_test"]), num_classes, augment=augment, fingerprint=digest)
+
+
+NOT_LOADER_OPTIONS = ("name", "_target_", "root", "download", "mean", "std", "augment", "crop_padding", "flip",
+                      "split", "split_fraction", "split_seed")  # lmc's own data keys; the rest go to the loader
 
 
 def from_options(options: Mapping, device: torch.device | str = "cpu") -> Dataset:
-    """:func:`load_dataset` from a mapping with the keys of ``conf/data/*.yaml`` (``name``, ``root``,
-    ``download``, ``mean``, ``std``, ``augment``, ``crop_padding``, ``flip``)."""
+    """:func:`load_dataset` from a mapping with the keys of a ``data`` config (``name`` or ``_target_``,
+    ``root``, ``download``, ``mean``, ``std``, ``augment``, ``crop_padding``, ``flip``, and the loader's
+    own keys such as ``path``)."""
     augment = None
     if options.get("augment", False):
         augment = Augmentation(int(options.get("crop_padding", 4)), bool(options.get("flip", True)))
     mean, std = options.get("mean"), options.get("std")
-    return load_dataset(options["name"], options.get("root"), download=bool(options.get("download", False)),
+    source = options.get("_target_") or options["name"]
+    loader_options = {k: v for k, v in options.items() if k not in NOT_LOADER_OPTIONS}
+    return load_dataset(source, options.get("root"), download=bool(options.get("download", False)),
                         mean=None if mean is None else list(mean), std=None if std is None else list(std),
-                        device=device, augment=augment)
+                        device=device, augment=augment, **loader_options)
 
 
 SPLITS = ("none", "halves", "classes")
@@ -267,8 +402,10 @@ def split_pair(data: Dataset, how: str = "none", fraction: float = 0.2, seed: in
 
 def download(name: str, root: str | os.PathLike | None = None) -> Path:
     """Fetch dataset ``name`` into ``root`` (MNIST-1D is generated and cached instead); the command
-    line is ``python -m lmc.data download NAME`` (:mod:`lmc.data.__main__`)."""
-    _check_name(name)
+    line is ``python -m lmc.data download NAME`` (:mod:`lmc.data`)."""
+    check_name(name)
+    if name == "tensors":
+        raise ConfigError("dataset 'tensors' is read from your own file (data.path); there is nothing to download")
     root = Path(root) if root else default_data_root()
     root.mkdir(parents=True, exist_ok=True)
     DATASETS[name][0](root, download=True)

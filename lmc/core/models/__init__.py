@@ -1,29 +1,40 @@
-"""Model zoo. Each model is one module with a ``build(input_shape, num_classes, **cfg)`` function and
-no permutation code: permutation specs are derived by :func:`lmc.permutation_spec`."""
+"""Model zoo: one class per module, no permutation code (specs are derived by
+:func:`lmc.permutation_spec`).
+
+Every model class — the zoo's and a user's own, named by ``model._target_`` — is built the same way:
+``cls(input_shape, num_classes, **options)``, where ``input_shape`` is one example's shape (no batch
+axis) and ``num_classes`` the number of labels, both read off the data; ``options`` are the class's
+own keyword arguments (``model.<key>`` on the command line), checked against its signature.
+"""
 
 from __future__ import annotations
 
-import importlib
-
 from torch import nn
 
+from lmc.core.models.cnn1d import CNN1d
+from lmc.core.models.mlp import MLP
+from lmc.core.models.resnet import ResNet20
+from lmc.core.models.vgg import VGG
 from lmc.errors import ConfigError
+from lmc.settings import parse_options
 
-MODELS = {
-    "mlp": "lmc.core.models.mlp",
-    "vgg": "lmc.core.models.vgg",
-    "resnet20": "lmc.core.models.resnet",
-    "cnn1d": "lmc.core.models.cnn1d",
+__all__ = ["CNN1d", "MLP", "MODELS", "ResNet20", "VGG", "build_model"]
+
+MODELS: dict[str, type[nn.Module]] = {  # model.name -> class
+    "mlp": MLP,
+    "vgg": VGG,
+    "resnet20": ResNet20,
+    "cnn1d": CNN1d,
 }
 
-__all__ = ["MODELS", "build_model"]
 
-
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
-    """Build model ``name`` for inputs of ``input_shape`` (without batch axis) and ``num_classes``."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model '{name}'; valid: {', '.join(sorted(MODELS))}")
-    for key in ("width", "depth"):
-        if key in kwargs and kwargs[key] is not None and int(kwargs[key]) <= 0:
-            raise ConfigError(f"model.{key} must be a positive integer, got {kwargs[key]}")
-    return importlib.import_module(MODELS[name]).build(tuple(input_shape), num_classes, **kwargs)
+def build_model(name: str | type[nn.Module], input_shape: tuple[int, ...], num_classes: int, **options) -> nn.Module:
+    """Model ``name`` (a zoo name, or a model class) for inputs of ``input_shape`` (without batch axis)
+    and ``num_classes``; ``options`` are checked against the class's signature (ConfigError)."""
+    if isinstance(name, str):
+        if name not in MODELS:
+            raise ConfigError(f"unknown model '{name}'; valid: {', '.join(sorted(MODELS))}")
+        cls, what = MODELS[name], f"model '{name}'"
+    else:
+        cls, what = name, f"model {name.__module__}.{name.__qualname__}"
+    return cls(tuple(input_shape), num_classes, **parse_options(cls, options, "model", what, skip=2))

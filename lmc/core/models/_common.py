@@ -21,12 +21,6 @@ def check_positive_int(what: str, value, maximum: int | None = None) -> int:
     return value
 
 
-def check_no_extra(model: str, extra: dict, valid: tuple[str, ...]) -> None:
-    if extra:
-        raise ConfigError(f"unknown option(s) {', '.join(sorted(extra))} for model '{model}'; "
-                          f"valid: {', '.join(valid)}")
-
-
 def channel_norm(norm: str, channels: int, dims: int = 2) -> nn.Module:
     """Normalisation of a (N, C, *spatial) feature map.
 

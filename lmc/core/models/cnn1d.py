@@ -12,13 +12,18 @@ from collections import OrderedDict
 
 from torch import nn
 
-from lmc.core.models._common import NORMS, channel_norm, check_choice, check_no_extra, check_positive_int
+from lmc.core.models._common import NORMS, channel_norm, check_choice, check_positive_int
 from lmc.errors import ConfigError
 
 
 class CNN1d(nn.Sequential):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 32, depth: int = 3,
                  norm: str = "none"):
+        check_positive_int("model.width", width)
+        check_positive_int("model.depth", depth)
+        check_choice("model.norm", norm, NORMS)
+        if len(input_shape) not in (1, 2):
+            raise ConfigError(f"cnn1d needs 1-D inputs of shape (L,) or (C, L), got input shape {tuple(input_shape)}")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         if len(input_shape) == 1:
             layers["unsqueeze"] = nn.Unflatten(1, (1, input_shape[0]))
@@ -35,13 +40,3 @@ class CNN1d(nn.Sequential):
         layers["head"] = nn.Linear(channels * length, num_classes)
         super().__init__(layers)
 
-
-def build(input_shape: tuple[int, ...], num_classes: int, width: int = 32, depth: int = 3, norm: str = "none",
-          **extra) -> CNN1d:
-    check_no_extra("cnn1d", extra, ("width", "depth", "norm"))
-    check_positive_int("model.width", width)
-    check_positive_int("model.depth", depth)
-    check_choice("model.norm", norm, NORMS)
-    if len(input_shape) not in (1, 2):
-        raise ConfigError(f"cnn1d needs 1-D inputs of shape (L,) or (C, L), got input shape {tuple(input_shape)}")
-    return CNN1d(tuple(input_shape), num_classes, width, depth, norm)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmc.core.models._common import NORMS, channel_norm, check_choice, check_no_extra, check_positive_int
+from lmc.core.models._common import NORMS, channel_norm, check_choice, check_positive_int
 from lmc.errors import ConfigError
 
 
@@ -37,11 +37,18 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, width: int = 1, norm: str = "batchnorm",
-                 base_channels: int = 16, blocks: int = 3):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 1, norm: str = "batchnorm",
+                 base_channels: int = 16):
+        check_positive_int("model.width", width, maximum=32)
+        check_choice("model.norm", norm, NORMS)
+        check_positive_int("model.base_channels", base_channels)
+        if len(input_shape) != 3 or min(input_shape[1:]) < 4:
+            raise ConfigError(f"resnet20 needs image inputs (C, H, W) with H, W ≥ 4, "
+                              f"got input shape {tuple(input_shape)}")
         super().__init__()
+        blocks = 3  # basic blocks per stage: 3 stages × 3 blocks × 2 convs + stem + head = 20 layers
         c = base_channels * width
-        self.conv = nn.Conv2d(in_channels, c, 3, padding=1, bias=norm == "none")
+        self.conv = nn.Conv2d(input_shape[0], c, 3, padding=1, bias=norm == "none")
         self.norm = channel_norm(norm, c)
         self.relu = nn.ReLU()
         stages = []
@@ -63,13 +70,3 @@ class ResNet20(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.flatten(self.pool(x)))
 
-
-def build(input_shape: tuple[int, ...], num_classes: int, width: int = 1, norm: str = "batchnorm",
-          base_channels: int = 16, **extra) -> ResNet20:
-    check_no_extra("resnet20", extra, ("width", "norm", "base_channels"))
-    check_positive_int("model.width", width, maximum=32)
-    check_choice("model.norm", norm, NORMS)
-    check_positive_int("model.base_channels", base_channels)
-    if len(input_shape) != 3 or min(input_shape[1:]) < 4:
-        raise ConfigError(f"resnet20 needs image inputs (C, H, W) with H, W ≥ 4, got input shape {tuple(input_shape)}")
-    return ResNet20(input_shape[0], num_classes, width, norm, base_channels)

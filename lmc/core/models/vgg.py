@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from lmc.core.models._common import NORMS, channel_norm, check_choice, check_no_extra, check_positive_int
+from lmc.core.models._common import NORMS, channel_norm, check_choice, check_positive_int
 from lmc.errors import ConfigError
 
 STAGES = {  # convs per stage (five stages, channel multipliers 1, 2, 4, 8, 8)
@@ -26,11 +26,17 @@ MULTIPLIERS = (1, 2, 4, 8, 8)
 
 
 class VGG(nn.Module):
-    def __init__(self, in_channels: int, size: tuple[int, int], num_classes: int, depth: int = 16, width: int = 1,
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, depth: int = 16, width: int = 1,
                  norm: str = "batchnorm", base_channels: int = 64):
+        check_choice("model.depth for vgg", depth, tuple(STAGES))
+        check_choice("model.norm", norm, NORMS)
+        check_positive_int("model.width", width)
+        check_positive_int("model.base_channels", base_channels)
+        if len(input_shape) != 3 or min(input_shape[1:]) < 8:
+            raise ConfigError(f"vgg needs image inputs (C, H, W) with H, W ≥ 8, got input shape {tuple(input_shape)}")
         super().__init__()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        channels, (h, w) = in_channels, size
+        channels, h, w = input_shape
         for stage, (convs, mult) in enumerate(zip(STAGES[depth], MULTIPLIERS), start=1):
             out = base_channels * width * mult
             for i in range(1, convs + 1):
@@ -49,14 +55,3 @@ class VGG(nn.Module):
     def forward(self, x):
         return self.classifier(self.flatten(self.pool(self.features(x))))
 
-
-def build(input_shape: tuple[int, ...], num_classes: int, depth: int = 16, width: int = 1,
-          norm: str = "batchnorm", base_channels: int = 64, **extra) -> VGG:
-    check_no_extra("vgg", extra, ("depth", "width", "norm", "base_channels"))
-    check_choice("model.depth for vgg", depth, tuple(STAGES))
-    check_choice("model.norm", norm, NORMS)
-    check_positive_int("model.width", width)
-    check_positive_int("model.base_channels", base_channels)
-    if len(input_shape) != 3 or min(input_shape[1:]) < 8:
-        raise ConfigError(f"vgg needs image inputs (C, H, W) with H, W ≥ 8, got input shape {tuple(input_shape)}")
-    return VGG(input_shape[0], tuple(input_shape[1:]), num_classes, depth, width, norm, base_channels)
