@@ -319,9 +319,38 @@ def test_vectorised_weight_matching_equals_the_loop_reference(kind, depth, invar
         best, _ = trees_module.pattern_similarity(sym.shape, sym.node_weights(), flips, order, nodes_a, nodes_b,
                                                   sd_a["leaf_value"], sd_b["leaf_value"])
         assert torch.allclose(best, best_ref, rtol=1e-12, atol=1e-9)
+        if kind == "perfect" and "flip" in invariances:  # the recursion reaches the same maxima
+            omega2 = sym.node_weights() ** 2
+            recursive = trees_module.perfect_flip_similarity(depth, omega2, nodes_a, nodes_b, sd_a["leaf_value"],
+                                                             sd_b["leaf_value"])
+            assert torch.allclose(recursive, best_ref, rtol=1e-12, atol=1e-9)
         found = sym.weight_matching(sd_a, sd_b, invariances)
         assert torch.equal(found.perm, ref.perm)
         assert same_state(sym.apply(found, sd_b), sym.apply(ref, sd_b))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_recursive_and_enumerated_flip_search_agree(depth):
+    model_a, model_b = ensemble("perfect", depth, trees=12, seed=3), ensemble("perfect", depth, trees=12, seed=4)
+    sym = model_a.symmetry()
+    x = torch.randn(40, 5, dtype=torch.double)
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    pairs = [(sym.weight_matching(sd_a, sd_b, search="enumerate"), sym.weight_matching(sd_a, sd_b, search="recursive")),
+             (sym.activation_matching(model_a, model_b, x, search="enumerate"),
+              sym.activation_matching(model_a, model_b, x, search="recursive"))]
+    for enumerated, recursive in pairs:
+        assert torch.equal(enumerated.perm, recursive.perm) and torch.equal(enumerated.flips, recursive.flips)
+        assert enumerated.flips.any()  # flips were needed
+
+
+def test_recursion_aligns_deep_perfect_trees_beyond_the_enumeration():
+    """Depth 6: 2^63 flip patterns, none enumerated; the recursion still recovers a transformed copy."""
+    model = ensemble("perfect", 6, trees=10)
+    sym = model.symmetry()
+    copy = sym.apply(sym.random(2), model.state_dict())
+    assert same_state(sym.apply(sym.weight_matching(model.state_dict(), copy), copy), model.state_dict())
+    with pytest.raises(ConfigError, match="patterns"):
+        sym.weight_matching(model.state_dict(), copy, search="enumerate")
 
 
 def test_alignment_methods_and_their_errors():
@@ -332,6 +361,10 @@ def test_alignment_methods_and_their_errors():
         sym.align("ste", model, model)
     with pytest.raises(ValueError, match="needs training data"):
         sym.align("activation_matching", model, model)
+    with pytest.raises(ConfigError, match="unknown align.search 'greedy'"):
+        sym.weight_matching(model.state_dict(), model.state_dict(), search="greedy")
+    with pytest.raises(ConfigError, match="search=recursive needs perfect trees"):
+        sym.weight_matching(model.state_dict(), model.state_dict(), search="recursive")
     with pytest.raises(ValueError, match="missing"):
         sym.weight_matching({"leaf_value": model.leaf_value}, model.state_dict())
     with pytest.raises(ValueError, match="do not fit"):

@@ -48,7 +48,8 @@ from torch import nn
 
 from lmc.errors import ConfigError
 
-__all__ = ["INVARIANCES", "TREE_KINDS", "TreeShape", "TreeSymmetry", "TreeTransform"]
+__all__ = ["INVARIANCES", "TREE_KINDS", "TreeShape", "TreeSymmetry", "TreeTransform", "ablations", "pattern_matrix",
+           "pattern_similarity", "perfect_flip_choices", "perfect_flip_similarity", "tree_symmetry"]
 
 TREE_KINDS = ("perfect", "oblivious", "decision_list", "modified_decision_list")
 INVARIANCES = ("perm", "flip", "order")
@@ -61,6 +62,9 @@ _MAX_PATTERNS = 1 << 16
 _CHUNK_ELEMENTS = 1 << 24
 # training points activation matching samples by default (the paper's choice)
 DEFAULT_SAMPLES = 512
+# how the best pattern of each tree pair is found: "enumerate" scores every pattern; "recursive" (perfect
+# trees with flips) takes the best flip at each node bottom-up; "auto" recurses where it can
+SEARCHES = ("auto", "enumerate", "recursive")
 
 
 class TreeShape:
@@ -286,13 +290,16 @@ class TreeSymmetry:
         sd_a: Mapping[str, torch.Tensor],
         sd_b: Mapping[str, torch.Tensor],
         invariances: Iterable[str] = INVARIANCES,
+        search: str = "auto",
     ) -> TreeTransform:
-        """The element that aligns B's trees to A's by their weighted parameters; apply it to ``sd_b``."""
+        """The element that aligns B's trees to A's by their weighted parameters; apply it to ``sd_b``.
+        ``search``: how the best pattern of each tree pair is found (see :data:`SEARCHES`)."""
         weight_a, bias_a, leaf_a = self._entries(sd_a)
         weight_b, bias_b, leaf_b = self._entries(sd_b)
         nodes_a = torch.cat([weight_a.flatten(2), bias_a[..., None]], dim=-1)
         nodes_b = torch.cat([weight_b.flatten(2), bias_b[..., None]], dim=-1)
-        return self._match(nodes_a, nodes_b.to(nodes_a), leaf_a.flatten(2), leaf_b.flatten(2).to(nodes_a), invariances)
+        return self._match(nodes_a, nodes_b.to(nodes_a), leaf_a.flatten(2), leaf_b.flatten(2).to(nodes_a), invariances,
+                           search)
 
     @torch.no_grad()
     def activation_matching(
@@ -301,6 +308,7 @@ class TreeSymmetry:
         model_b: nn.Module,
         x: torch.Tensor,
         invariances: Iterable[str] = INVARIANCES,
+        search: str = "auto",
     ) -> TreeTransform:
         """The element that aligns B's trees to A's by their responses on ``x`` (a batch of training
         points, e.g. 512 sampled ones): each node's ``wᵀx + b`` and each leaf's ``π_leaf(x)·μ_leaf``."""
@@ -311,7 +319,7 @@ class TreeSymmetry:
             contribution = prob.permute(1, 2, 0)[..., None] * leaf[:, :, None, :]  # (M, L, B, C)
             feats.append((z.permute(1, 2, 0), contribution.flatten(2)))
         (nodes_a, leaves_a), (nodes_b, leaves_b) = feats
-        return self._match(nodes_a, nodes_b, leaves_a, leaves_b, invariances)
+        return self._match(nodes_a, nodes_b, leaves_a, leaves_b, invariances, search)
 
     def align(
         self,
@@ -322,13 +330,14 @@ class TreeSymmetry:
         invariances: Iterable[str] = INVARIANCES,
         num_samples: int = DEFAULT_SAMPLES,
         seed: int = 0,
+        search: str = "auto",
     ) -> TreeTransform:
         """``weight_matching``, ``activation_matching`` (on ``num_samples`` rows of ``x_train`` drawn with
         ``seed``) or ``none`` (the identity: the naive interpolation)."""
         if method == "none":
             return self.identity()
         if method == "weight_matching":
-            return self.weight_matching(model_a.state_dict(), model_b.state_dict(), invariances)
+            return self.weight_matching(model_a.state_dict(), model_b.state_dict(), invariances, search)
         if method != "activation_matching":
             raise ConfigError(f"unknown align.method '{method}' for a tree ensemble; valid: weight_matching, "
                               "activation_matching, none")
@@ -338,11 +347,26 @@ class TreeSymmetry:
             raise ConfigError(f"align.num_samples must be a positive integer, got {num_samples}")
         gen = torch.Generator().manual_seed(seed)
         rows = torch.randperm(len(x_train), generator=gen)[:num_samples].to(x_train.device)
-        return self.activation_matching(model_a, model_b, x_train[rows], invariances)
+        return self.activation_matching(model_a, model_b, x_train[rows], invariances, search)
 
     def _match(self, nodes_a: torch.Tensor, nodes_b: torch.Tensor, leaves_a: torch.Tensor, leaves_b: torch.Tensor,
-               invariances: Iterable[str]) -> TreeTransform:
-        flips, order = self.shape.patterns(invariances)
+               invariances: Iterable[str], search: str = "auto") -> TreeTransform:
+        if search not in SEARCHES:
+            raise ConfigError(f"unknown align.search '{search}'; valid: {', '.join(SEARCHES)}")
+        chosen = _check_invariances(invariances)
+        recursive = self.shape.kind == "perfect" and "flip" in chosen
+        if search == "recursive" and not recursive:
+            raise ConfigError(f"align.search=recursive needs perfect trees and the flip invariance, got "
+                              f"{self.shape.kind} trees and {list(chosen)}")
+        if recursive and search != "enumerate":
+            omega2 = self.node_weights().to(nodes_a.device, nodes_a.dtype) ** 2
+            best = perfect_flip_similarity(self.shape.depth, omega2, nodes_a, nodes_b, leaves_a, leaves_b)
+            _, cols = linear_sum_assignment(best.cpu().numpy(), maximize=True)
+            perm = torch.from_numpy(cols).long()
+            flips = perfect_flip_choices(self.shape.depth, omega2, nodes_a, nodes_b[perm.to(nodes_b.device)],
+                                         leaves_a, leaves_b[perm.to(leaves_b.device)])
+            return TreeTransform(perm, flips.cpu(), torch.arange(self.shape.depth).repeat(self.trees, 1))
+        flips, order = self.shape.patterns(chosen)
         best, arg = pattern_similarity(self.shape, self.node_weights(), flips, order,
                                        nodes_a, nodes_b, leaves_a, leaves_b)
         _, cols = linear_sum_assignment(best.cpu().numpy(), maximize=True)
@@ -407,6 +431,58 @@ def pattern_similarity(
         best.append(value)
         arg.append(index)
     return torch.cat(best), torch.cat(arg)
+
+
+def _flip_recursion(depth: int, omega2: torch.Tensor, nodes_a: torch.Tensor, nodes_b: torch.Tensor,
+                    leaves_a: torch.Tensor, leaves_b: torch.Tensor, pairwise: bool):
+    """The best flip pattern of perfect trees, bottom-up: the best similarity of A's subtree at level
+    position ``k`` with B's subtree at ``k'`` is, at their roots, the better of keeping
+    (``ω²·<A_k, B_k'>`` plus left with left and right with right) and flipping (``−ω²·<A_k, B_k'>`` plus
+    left with right and right with left): flips of disjoint subtrees are independent, so this is the
+    maximum over all ``2^(2^D−1)`` patterns. Values are ``(2^d, 2^d, …)`` tensors over (A position, B
+    position); ``…`` is (A tree, B tree) with ``pairwise``, else tree ``i`` of A with tree ``i`` of B."""
+    equation = "xik,yjk->xyij" if pairwise else "xik,yik->xyi"
+    value = torch.einsum(equation, leaves_a.transpose(0, 1), leaves_b.transpose(0, 1))  # (L, L, …)
+    choices = []
+    for d in reversed(range(depth)):
+        first, width = (1 << d) - 1, 1 << d
+        level = slice(first, first + width)
+        node = omega2[first] * torch.einsum(equation, nodes_a[:, level].transpose(0, 1),
+                                            nodes_b[:, level].transpose(0, 1))  # (w, w, …)
+        children = value.reshape(width, 2, width, 2, *value.shape[2:])
+        keep = node + children[:, 0, :, 0] + children[:, 1, :, 1]
+        flip = children[:, 0, :, 1] + children[:, 1, :, 0] - node
+        choice = flip > keep
+        value = torch.where(choice, flip, keep)
+        choices.append(choice)
+    return value[0, 0], choices[::-1]
+
+
+def perfect_flip_similarity(depth: int, omega2: torch.Tensor, nodes_a: torch.Tensor, nodes_b: torch.Tensor,
+                            leaves_a: torch.Tensor, leaves_b: torch.Tensor) -> torch.Tensor:
+    """``(M, M)``: the best similarity of every tree pair over all flip patterns of a perfect tree
+    (:func:`_flip_recursion`, in chunks of rows of A); equal to :func:`pattern_similarity`'s."""
+    M, L = len(nodes_a), leaves_a.shape[1]
+    chunk = max(1, _CHUNK_ELEMENTS // (L * L * len(nodes_b)))
+    return torch.cat([_flip_recursion(depth, omega2, nodes_a[rows], nodes_b, leaves_a[rows], leaves_b, True)[0]
+                      for rows in (slice(s, s + chunk) for s in range(0, M, chunk))])
+
+
+def perfect_flip_choices(depth: int, omega2: torch.Tensor, nodes_a: torch.Tensor, nodes_b: torch.Tensor,
+                         leaves_a: torch.Tensor, leaves_b: torch.Tensor) -> torch.Tensor:
+    """``(M, N)`` bool: the best flips of B's tree ``i`` (indexed by its own nodes) against A's tree
+    ``i``, read back top-down from the recursion's choices."""
+    _, choices = _flip_recursion(depth, omega2, nodes_a, nodes_b, leaves_a, leaves_b, False)
+    M = len(nodes_a)
+    trees = torch.arange(M, device=nodes_a.device)
+    flips = torch.zeros(M, (1 << depth) - 1, dtype=torch.bool, device=nodes_a.device)
+    matched = torch.zeros(1, M, dtype=torch.long, device=nodes_a.device)  # B's position under A's position k
+    for d, choice in enumerate(choices):
+        positions = torch.arange(1 << d, device=nodes_a.device)[:, None]
+        flip = choice[positions, matched, trees]  # (2^d, M)
+        flips[trees, (1 << d) - 1 + matched] = flip
+        matched = torch.stack([2 * matched + flip.long(), 2 * matched + 1 - flip.long()], 1).flatten(0, 1)
+    return flips
 
 
 def tree_symmetry(model: nn.Module) -> TreeSymmetry:
