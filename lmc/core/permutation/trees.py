@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.nn import functional as F
 
 from lmc.errors import ConfigError
 
@@ -115,6 +116,10 @@ class TreeShape:
         self.path_node = path.contiguous()  # (L, D) node visited at each step (any valid index where absent)
         self.path_sign = torch.where(present, 1.0 - 2.0 * right, 0.0)  # (L, D): +1 left, −1 right, 0 absent
         self.node_leaves = torch.tensor(node_leaves)  # (N,) leaves each node's (w, b) affects
+        # (N, L) each: 1 where leaf ℓ's path goes left (right) at node n
+        visits = torch.zeros(self.num_nodes, self.num_leaves, D)
+        visits[self.path_node.T, torch.arange(self.num_leaves)[None, :], torch.arange(D)[:, None]] = self.path_sign.T
+        self.incidence = ((visits > 0).sum(-1).double(), (visits < 0).sum(-1).double())
         flippable = {"perfect": [True] * self.num_nodes, "oblivious": [True] * D,
                      "decision_list": [False] * (D - 1) + [True], "modified_decision_list": [False] * D}[kind]
         self.flippable = torch.tensor(flippable)  # (N,)
@@ -130,10 +135,15 @@ class TreeShape:
         return out
 
     def leaf_probabilities(self, z: torch.Tensor) -> torch.Tensor:
-        """``(…, N)`` node responses ``wᵀx + b`` → ``(…, L)`` probabilities of reaching each leaf."""
-        sign = self.path_sign.to(z.device, z.dtype)
-        factors = torch.sigmoid(z[..., self.path_node.to(z.device)] * sign)  # (…, L, D)
-        return torch.where(sign != 0, factors, torch.ones_like(factors)).prod(-1)
+        """``(…, N)`` node responses ``wᵀx + b`` → ``(…, L)`` probabilities of reaching each leaf.
+
+        The product along each path is taken in the log domain, as one matmul of the nodes' log
+        probabilities of going left and right with the path incidence matrices: no gather of a
+        ``(…, L, D)`` tensor (slow on the CPU), and ``log σ`` is exact where ``σ`` underflows."""
+        left, right = self.incidence
+        log_left = F.logsigmoid(z)
+        log_right = log_left - z  # log σ(−z) = log σ(z) − z
+        return torch.exp(log_left @ left.to(z.device, z.dtype) + log_right @ right.to(z.device, z.dtype))
 
     def tables(self, flips: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What a tree's flips ``(…, N)`` (bool, indexed by the source tree's nodes) and level order
