@@ -60,8 +60,9 @@ def main() -> None:
     parser.add_argument("--trees", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        default=[m for m in MODELS if m != "decision list D=2"])
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ A soft tree ensemble computes the same function after any of these changes to it
   modified decision list nowhere;
 * **splitting order** — an oblivious tree's levels can be reordered, its leaves permuted accordingly.
 
-These are not visible to tracing (the tree's routing is a product of gathered probabilities), so a
+These are not visible to tracing (a flip pairs a sign change with a swap of whole subtrees), so a
 tree model declares them: ``model.symmetry()`` returns a :class:`TreeSymmetry`. A group element is a
 :class:`TreeTransform`: a tree permutation plus, per tree, its flips and its level order. Applying it
 (:meth:`TreeSymmetry.apply`) returns a state dict with the same keys and shapes, which computes the
@@ -33,6 +33,10 @@ The enumeration is vectorised: a pattern's similarity of two trees is a fixed li
 the inner products of their nodes (and leaves) over the pairs the pattern puts side by side, so the
 inner products of all tree pairs over every row pair some pattern uses are one batched matmul, and
 all tree pairs × all patterns one more matmul with a ``(pairs, P)`` pattern matrix (in chunks of rows).
+For perfect trees the best flips need no enumeration: flips of disjoint subtrees are independent, so
+the best pattern is found bottom-up, keeping or flipping each node given its children's best
+(:func:`perfect_flip_similarity`; ``search="auto"``, the default, uses it), which reaches the same
+maxima as the enumeration and scales to depths whose ``2^(2^D−1)`` patterns cannot be listed.
 """
 
 from __future__ import annotations
