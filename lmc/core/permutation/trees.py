@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from lmc.errors import ConfigError
 
 __all__ = ["INVARIANCES", "TREE_KINDS", "TreeShape", "TreeSymmetry", "TreeTransform", "ablations", "pattern_matrix",
-           "pattern_similarity", "perfect_flip_choices", "perfect_flip_similarity", "tree_symmetry"]
+           "pattern_similarity", "perfect_flip_choices", "perfect_flip_similarity"]
 
 TREE_KINDS = ("perfect", "oblivious", "decision_list", "modified_decision_list")
 INVARIANCES = ("perm", "flip", "order")
@@ -190,8 +190,8 @@ class TreeShape:
         count = (1 << len(free)) * len(orders)
         if count > _MAX_PATTERNS:
             raise ConfigError(f"a {self.kind} tree of depth {D} has {count} flip/order patterns, more than the "
-                              f"{_MAX_PATTERNS} the enumeration handles; use a smaller model.depth or fewer "
-                              "align.invariances")
+                              f"{_MAX_PATTERNS} the enumeration handles; use a smaller model.depth, fewer "
+                              "align.invariances or (perfect trees) align.search=auto")
         flip_rows = []
         for bits in itertools.product((False, True), repeat=len(free)):
             row = [False] * N
@@ -497,14 +497,6 @@ def perfect_flip_choices(depth: int, omega2: torch.Tensor, nodes_a: torch.Tensor
         flips[trees, (1 << d) - 1 + matched] = flip
         matched = torch.stack([2 * matched + flip.long(), 2 * matched + 1 - flip.long()], 1).flatten(0, 1)
     return flips
-
-
-def tree_symmetry(model: nn.Module) -> TreeSymmetry:
-    """``model.symmetry()`` if it declares one; a ValueError naming the model otherwise."""
-    declare = getattr(model, "symmetry", None)
-    if declare is None:
-        raise ValueError(f"{type(model).__name__} declares no symmetry (no .symmetry() method)")
-    return declare()
 
 
 def ablations(symmetry: TreeSymmetry) -> dict[str, Sequence[str]]:
