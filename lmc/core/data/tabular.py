@@ -130,10 +130,15 @@ def openml_ids(spec: str) -> list[int]:
 
 
 def _fetch_openml(dataset_id: int, data_home: Path):
-    """scikit-learn's ``fetch_openml`` (the network call; tests replace it)."""
+    """scikit-learn's ``fetch_openml`` (the network call; tests replace it). Its warnings on each retry
+    are silenced: a failure ends in one line (:func:`download_openml`)."""
+    import warnings
+
     from sklearn.datasets import fetch_openml
 
-    return fetch_openml(data_id=dataset_id, as_frame=True, data_home=str(data_home), parser="auto")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="A network error occurred", category=UserWarning)
+        return fetch_openml(data_id=dataset_id, as_frame=True, data_home=str(data_home), parser="auto")
 
 
 def download_openml(dataset_id: int, root: str | os.PathLike | None = None) -> Path:
