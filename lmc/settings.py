@@ -202,12 +202,14 @@ def signature_defaults(fn: Callable, skip: int = 0) -> dict[str, Any]:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def parse_options(fn: Callable, values: Mapping[str, Any], prefix: str, what: str, skip: int = 0) -> dict[str, Any]:
+def parse_options(fn: Callable, values: Mapping[str, Any], prefix: str, what: str, skip: int = 0,
+                  provided: Sequence[str] = ()) -> dict[str, Any]:
     """``values`` as keyword arguments of ``fn`` (a class: its constructor) after its first ``skip``
-    parameters: unknown keys refused with the valid ones (unless ``fn`` takes ``**kwargs``), missing
-    required ones named, annotated types checked. ``what`` names ``fn`` in messages."""
+    parameters and besides those the caller ``provided`` itself: unknown keys refused with the valid ones
+    (unless ``fn`` takes ``**kwargs``), missing required ones named, annotated types checked. ``what``
+    names ``fn`` in messages."""
     target = fn.__init__ if inspect.isclass(fn) else fn
-    params = list(inspect.signature(fn).parameters.values())[skip:]
+    params = [p for p in list(inspect.signature(fn).parameters.values())[skip:] if p.name not in provided]
     named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
     unknown = [k for k in values if k not in named]

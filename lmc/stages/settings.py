@@ -20,6 +20,7 @@ reuses results of the old code.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from lmc.core.alignment import ALIGN_METHODS, MERGE_MODES, AlignmentMethod, WeightMatching, check_merge
-from lmc.core.data import DATASETS, NOT_LOADER_OPTIONS, Augmentation, Dataset, load_dataset, tensors
+from lmc.core.data import DATASETS, LOCATION, NOT_LOADER_OPTIONS, Augmentation, Dataset, load_dataset, reader_options
 from lmc.core.models import MODELS
 from lmc.core.normalization import check_reset_bn
 from lmc.core.training import TrainConfig
@@ -103,6 +104,8 @@ class DataSettings:
 
 
 def parse_data(values: Mapping[str, Any]) -> DataSettings:
+    """A built-in dataset by ``name`` or a user's loader by ``_target_``; the keys that are not lmc's own
+    (``path`` of ``data=tensors``, a loader's arguments) are checked against the reader's signature."""
     values = dict(values)
     target = values.pop("_target_", None)
     name = values.get("name")
@@ -111,22 +114,22 @@ def parse_data(values: Mapping[str, Any]) -> DataSettings:
         if not isinstance(name, str) or name not in DATASETS:
             raise ConfigError(f"unknown data.name {show(name)}; valid: {', '.join(sorted(DATASETS))}; "
                               "or data._target_=<your loader's import path>")
-        if name == "tensors":
-            if options.get("path") is None:
-                raise ConfigError("data=tensors needs data.path=<file.npz or file.pt> holding "
-                                  "x_train, y_train, x_test, y_test")
-            options = parse_options(tensors, options, "data", "data=tensors")
-        elif options:
-            key = next(iter(options))
-            raise ConfigError(f"unknown key data.{key} for dataset '{name}'; valid: {', '.join(NOT_LOADER_OPTIONS)}")
-        source = ""
+        if name == "tensors" and options.get("path") is None:
+            raise ConfigError("data=tensors needs data.path=<file.npz or file.pt> holding "
+                              "x_train, y_train, x_test, y_test")
+        loader, what, source = DATASETS[name][0], f"dataset '{name}'", ""
     else:
         loader = locate(target, "data._target_")
         if not callable(loader):
             raise ConfigError(f"data._target_={target} is not a class or function")
-        options = parse_options(loader, {k: v for k, v in options.items()}, "data", f"dataset {target}")
-        values["name"] = target
-        source = source_fingerprint(loader)
+        values["name"], what, source = target, f"dataset {target}", source_fingerprint(loader)
+    own = reader_options(loader)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(loader).parameters.values())
+    unknown = [k for k in options if k not in own and not takes_any]
+    if unknown:
+        valid = [k for k in NOT_LOADER_OPTIONS if k != "_target_"] + own + ["_target_"]
+        raise ConfigError(f"unknown key data.{unknown[0]} for {what}; valid: {', '.join(valid)}")
+    options = parse_options(loader, options, "data", what, provided=LOCATION)
     settings = parse(DataSettings, values, "data")
     settings.options, settings.target, settings.source = options, target, source
     return settings

@@ -35,7 +35,7 @@ from lmc.errors import ConfigError
 from lmc.settings import locate, parse_options
 
 __all__ = ["ARRAYS", "DATASETS", "SPLITS", "Augmentation", "Dataset", "default_data_root", "download", "fingerprint",
-           "from_options", "load_arrays", "load_dataset", "split_pair", "tensors"]
+           "from_options", "load_arrays", "load_dataset", "reader_options", "split_pair", "tensors"]
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")  # what every dataset provides
 
@@ -243,32 +243,43 @@ def _reader(source: str | Callable) -> tuple[Callable, int | None, str]:
                       "<your loader's import path>")
 
 
+LOCATION = ("root", "download")  # where a dataset lives: passed to every reader that takes them
+
+
+def reader_options(reader: Callable) -> list[str]:
+    """The options (``data.<key>``) a reader takes besides ``root`` and ``download``."""
+    return [n for n, p in inspect.signature(reader).parameters.items()
+            if n not in LOCATION and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def load_arrays(source: str | Callable, root: str | os.PathLike | None = None, download: bool = False,
                 **options) -> tuple[dict[str, Any], int]:
     """The four arrays of a dataset and its number of classes.
 
-    ``source`` is a built-in name (``options``: ``path`` for ``tensors``) or a user's loader: a
-    class or function called with ``options`` (and ``root`` / ``download`` if it takes them) that
-    returns a mapping — or an object with attributes — ``x_train, y_train, x_test, y_test`` (numpy
-    arrays or tensors; labels integers), optionally ``num_classes`` (default: counted from the labels).
+    ``source`` is a built-in name or a user's loader (a class or function, or its import path). Either
+    is called with its ``options`` (``data.<key>``: ``path`` for ``tensors``…), and with ``root`` /
+    ``download`` if it takes them, and returns the arrays ``x_train, y_train, x_test, y_test`` (numpy
+    arrays or tensors; labels integers) as a tuple in that order, a mapping or an object with those
+    attributes, optionally with ``num_classes`` (default: the built-in's, else counted from the labels).
     """
     reader, classes, what = _reader(source)
-    if reader in (entry[0] for entry in DATASETS.values()) and source != "tensors":
-        if options:
-            raise ConfigError(f"unknown key data.{next(iter(options))} for dataset '{source}'")
-        arrays = dict(zip(ARRAYS, reader(Path(root) if root else default_data_root(), download=download)))
+    params = inspect.signature(reader).parameters
+    location = {"root": Path(root) if root else default_data_root(), "download": download}
+    extra = {k: v for k, v in location.items() if k in params and k not in options}
+    kwargs = parse_options(reader, options, "data", f"dataset {what}", provided=tuple(extra))
+    try:
+        produced = reader(**kwargs, **extra)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a loader failing is one line
+        if isinstance(source, str) and source in DATASETS and source != "tensors":
+            raise  # a built-in reader's own faults (a missing file, a full disk) keep their type
+        raise ConfigError(f"dataset {what} failed: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+    if isinstance(produced, tuple) and len(produced) == len(ARRAYS):
+        arrays = dict(zip(ARRAYS, produced))
     else:
-        params = inspect.signature(reader).parameters
-        extra = {k: v for k, v in (("root", root), ("download", download)) if k in params and k not in options}
-        kwargs = parse_options(reader, options, "data", f"dataset {what}")
-        try:
-            produced = reader(**kwargs, **extra)
-        except ConfigError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a user's loader failing is one line
-            raise ConfigError(f"dataset {what} failed: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
         arrays = _arrays_of(produced, what)
-        classes = arrays.pop("num_classes", None)
+        classes = arrays.pop("num_classes", classes)
     arrays = {k: arrays[k] for k in ARRAYS}
     _check_arrays(arrays, what)
     if classes is None:
