@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lmc.core.layerwise import (
-    CURVE_COLUMNS,
+    LAYERWISE_COLUMNS,
     LayerSet,
     barrier_table,
     batched_pays,
@@ -309,7 +309,7 @@ def test_rows_columns_and_endpoint_reuse():
     assert len(points) == 2 + 1 + len(sets) * 2 * 2  # θ_A, θ_B, the whole midpoint, each set × base × 2 α
     assert len(points[0].labels) == 1 + len(sets)  # θ_A also fills every set's "into A at α = 0" row
     rows = evaluate_points(model, points, {"train": (x, y), "test": (x[:10], y[:10])})
-    assert all(tuple(r) == CURVE_COLUMNS for r in rows)
+    assert all(tuple(r) == LAYERWISE_COLUMNS for r in rows)
     assert len(rows) == 2 * (3 + len(sets) * 2 * 3)
     first = rows[0]
     assert (first["method"], first["layer"], first["set"], first["base"], first["epoch"], first["alpha"]) == \
@@ -333,7 +333,7 @@ def test_barrier_table_reads_rows_back_from_csv():
     sets = single_sets(layer_groups(model))
     rows = over_training_rows(model, [SD_A, SD_A], [SD_B, SD_B], [3, 7], {"train": (x, y)}, sets, "naive")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=LAYERWISE_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     read = [{**r, "alpha": float(r["alpha"]), "loss": float(r["loss"]), "acc": float(r["acc"])}
@@ -356,6 +356,35 @@ def test_corrections_are_applied_to_every_evaluated_network():
                           correct=correct, batched=False)
     assert sorted(seen) == sorted([0.0, 1.0, 0.5] + [0.5, 1.0, 0.0, 0.5] * 2)
     assert rows[0]["loss"] == pytest.approx(-fc_score(SD_A, x) - SD_A["shift.c"].item() + 1.0, abs=1e-6)
+
+
+def test_batchnorm_statistics_interpolate_or_reset():
+    """A BatchNorm layer's running statistics move with its module (interpolated, as in a whole-model sweep);
+    with lmc's BatchNorm reset as the correction, every network is evaluated with recomputed statistics,
+    the same on the stacked path."""
+    from lmc.core.normalization import corrections, reset_bn_stats, stat_batches
+
+    build = lambda: build_model("cnn1d", (40,), 10, width=8, norm="batchnorm")
+    model, sd_a, sd_b = build(), seeded_init(build, 0).state_dict(), seeded_init(build, 1).state_dict()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 40, generator=g), torch.randint(0, 10, (96,), generator=g)
+    sd_b["norm1.running_mean"] = sd_b["norm1.running_mean"] + 1.0
+    norm1 = next(s for s in single_sets(layer_groups(model)) if s.name == "norm1")
+    half = interpolated_state(sd_a, sd_b, norm1, "a", 0.5)
+    assert torch.allclose(half["norm1.running_mean"], sd_a["norm1.running_mean"] + 0.5)
+    assert half["conv1.weight"] is sd_a["conv1.weight"] and half["norm2.running_mean"] is sd_a["norm2.running_mean"]
+    batches = stat_batches(x, 2, 32, seed=0)
+    correct, suffix = corrections(model, sd_a, sd_b, batches, reset_bn=True, repair=False)
+    rows = layerwise_rows(model, sd_a, sd_b, {"train": (x, y)}, [norm1], "naive" + suffix, correct=correct,
+                          batched=False)
+    assert rows[0]["method"] == "naive+reset_bn"
+    row = next(r for r in rows if r["set"] == "norm1" and r["base"] == "b" and r["alpha"] == 0.5)
+    expected = evaluate(model, x, y, params=reset_bn_stats(model, interpolated_state(sd_a, sd_b, norm1, "b", 0.5),
+                                                             batches))
+    assert (row["loss"], row["acc"]) == pytest.approx(expected, abs=1e-6)
+    stacked = layerwise_rows(model, sd_a, sd_b, {"train": (x, y)}, [norm1], "naive" + suffix, correct=correct,
+                             batched=True)
+    assert [r["loss"] for r in stacked] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
 
 
 def _stacked_equals_sequential(model, sd_a, sd_b, splits, sets):

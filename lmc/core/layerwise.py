@@ -25,7 +25,8 @@ The definitions follow the paper's code (github.com/link-er/layer-wise-lmc, ``LL
 * **Over training** (:func:`over_training_rows`): the same rows for the checkpoints of A and B at
   every kept epoch (the paper's layer × epoch heatmaps).
 
-Curves rows (one evaluation of one network on one split; ``curves.csv`` stays one long table)::
+Curves rows (one evaluation of one network on one split; ``curves.csv`` stays one long table), the
+columns :data:`LAYERWISE_COLUMNS` (today's ``lmc.io.CURVE_COLUMNS`` plus ``set``, ``base``, ``epoch``)::
 
     method  layer  set  base  epoch  split  alpha  loss  acc
 
@@ -78,7 +79,7 @@ from lmc.core.training import evaluate
 from lmc.errors import ConfigError
 
 __all__ = [
-    "CURVE_COLUMNS",
+    "LAYERWISE_COLUMNS",
     "DEFAULT_ALPHAS",
     "ORDERS",
     "LayerSet",
@@ -106,7 +107,7 @@ BATCHED_MARGIN = 1.1  # the batched path must beat the sequential one by this fa
 CALIBRATION_REPEATS = 2  # timed passes per path in calibration (the best counts; a pass before them warms up)
 CPU_CALIBRATION_EXAMPLES = 256  # calibration batch on the CPU (enough to reach full speed, small next to a sweep)
 
-CURVE_COLUMNS = ("method", "layer", "set", "base", "epoch", "split", "alpha", "loss", "acc")
+LAYERWISE_COLUMNS = ("method", "layer", "set", "base", "epoch", "split", "alpha", "loss", "acc")
 ORDERS = ("shallow", "deep", "random", "minimal")
 BASES = ("a", "b")
 
@@ -471,7 +472,7 @@ def evaluate_points(
     batched: bool | str = "auto",
     progress: bool = False,
 ) -> list[dict]:
-    """Evaluate every point on every split: one row (:data:`CURVE_COLUMNS`) per label and split.
+    """Evaluate every point on every split: one row (:data:`LAYERWISE_COLUMNS`) per label and split.
 
     ``batched``: ``False`` evaluates one network after the other (:func:`lmc.core.training.evaluate`, as
     :func:`lmc.core.interpolation.sweep` does); ``True`` up to ``MAX_STACK`` networks per vmapped call;
@@ -504,7 +505,7 @@ def evaluate_points(
         bar.update(len(chunk))
     bar.close()
     rows.sort(key=lambda r: r.get("order", 0))  # stable: splits stay in their order within a label
-    return [{k: r[k] for k in CURVE_COLUMNS} for r in rows]
+    return [{k: r[k] for k in LAYERWISE_COLUMNS} for r in rows]
 
 
 def layerwise_rows(
