@@ -9,7 +9,7 @@ random examples of the model's input shape (MNIST-1D: 40 features; ResNet-20 ×1
 on ``--device``. Four ways of evaluating, timed interleaved and repeated (best of ``--repeat``):
 
 * ``raw forward``: ``model(x)`` over the examples in batches of ``--batch-size`` under inference mode,
-  nothing else: the baseline;
+  nothing else, as many passes as the layer-wise sweeps evaluate networks: the baseline;
 * ``whole sweep``: :func:`lmc.core.interpolation.sweep` over ``--alphas`` α (interpolate, swap the
   parameters in, forward, loss and accuracy);
 * ``layer-wise seq``: :func:`lmc.core.layerwise.layerwise_rows` over the first ``--sets`` single layers,
@@ -85,16 +85,17 @@ def bench(model_name: str, input_shape: tuple[int, ...], options: dict, examples
     layerwise_evals = len(layerwise_points(model, sd_a, sd_b, sets, "naive"))
 
     @torch.inference_mode()
-    def raw():
-        for i in range(0, examples, args.batch_size):
-            model(x[i : i + args.batch_size])
+    def raw():  # as many passes as the layer-wise sweeps make: the same exposure to a busy machine
+        for _ in range(layerwise_evals):
+            for i in range(0, examples, args.batch_size):
+                model(x[i : i + args.batch_size])
 
     def layerwise(batched: bool):
         return lambda: layerwise_rows(model, sd_a, sd_b, splits, sets, "naive", batch_size=args.batch_size,
                                       batched=batched)
 
     paths = {
-        "raw forward": (1, raw),
+        "raw forward": (layerwise_evals, raw),
         "whole sweep": (args.alphas, lambda: sweep(model, sd_a, sd_b, alpha_grid(args.alphas), splits, "naive",
                                                    batch_size=args.batch_size)),
         "layer-wise seq": (layerwise_evals, layerwise(False)),
