@@ -120,7 +120,8 @@ def main() -> None:
     parser.add_argument("--t-start", type=float, default=0.05, help="start temperature (default 0.05)")
     parser.add_argument("--t-end", type=float, default=1e-4, help="end temperature (default 1e-4)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--quick", action="store_true", help="100 steps, 20 training steps, 1 repeat, two models (smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="100 steps, 20 training steps, 1 repeat, two models (smoke test)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.train_steps, args.repeat = 100, 20, 1

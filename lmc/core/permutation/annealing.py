@@ -120,7 +120,7 @@ def batch_metric(
 
 def _metric(forward, batches, metric: str) -> float:
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.inference_mode():
         for x, y in batches:
             total += _per_example(forward(x), y, metric).sum().item()
             count += len(y)
