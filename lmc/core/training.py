@@ -49,6 +49,8 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between training checkpoints (run store only; not part of the model hash)
     keep_checkpoints: list[int | str] = field(default_factory=list)  # epochs (3 or "3ep") or steps ("100st")
     # whose checkpoints are kept for later analyses
+    stop_loss: PositiveFloat | None = None  # stop after the first epoch whose mean training loss is below this
+    # (Entezari et al.'s --stopcond 0.01); `epochs` stays the horizon of the lr schedule
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):  # also when built in Python, without lmc.settings.parse
@@ -67,6 +69,8 @@ class TrainConfig:
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every > 0):
             raise ConfigError(f"train.checkpoint_every must be a positive integer (epochs), "
                               f"got {self.checkpoint_every}")
+        if self.stop_loss is not None and not self.stop_loss > 0:
+            raise ConfigError(f"train.stop_loss must be positive (or null: train all epochs), got {self.stop_loss}")
         self.keep_steps(1)  # validates keep_checkpoints
 
     def keep_steps(self, steps_per_epoch: int) -> set[int]:
@@ -149,6 +153,11 @@ def train(
     is set, every batch is augmented on the device with draws from the augmentation generator. Returns one record
     per epoch (``epoch``, ``loss``: mean training loss, ``lr``).
 
+    With ``cfg.stop_loss``, training stops after the first epoch whose mean training loss (over the epoch's
+    batches, in train mode, as Entezari et al.'s trainer) is below it; that epoch's record has
+    ``stopped: True`` and ``len(history)`` is the number of epochs trained. The learning-rate schedule keeps
+    ``cfg.epochs`` as its horizon, so a run that stops early has not annealed its learning rate to the end.
+
     With ``checkpoints``, the full training state (model, optimiser, scheduler, generators, RNGs,
     step, history) is written every ``cfg.checkpoint_every`` epochs, at ``cfg.keep_checkpoints`` (kept)
     and at the last step; training resumes from the newest checkpoint found there, and ends bitwise
@@ -184,6 +193,8 @@ def train(
             order_gen.set_state(state["order_gen"])
             aug_gen.set_state(state["aug_gen"])
             epoch_sum, epoch_seen = state["epoch_sum"], state["epoch_seen"]
+    if resume and history and history[-1].get("stopped") and history[-1]["epoch"] * steps_per_epoch == step:
+        last_step = step  # this run had already stopped at its loss threshold
     start_epoch, start_i = divmod(step, steps_per_epoch)
     desc = progress if isinstance(progress, str) else "train"
     bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, disable=not progress or step >= last_step, leave=False)
@@ -240,6 +251,9 @@ def train(
             if step % steps_per_epoch:
                 break  # stopped inside an epoch (spawn parent), checkpointed above
             history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": sched.get_last_lr()[0]})
+            if cfg.stop_loss is not None and mean_loss < cfg.stop_loss:
+                history[-1]["stopped"] = True
+                last_step = step
             epoch_sum, epoch_seen = 0.0, 0
             bar.set_postfix(loss=f"{mean_loss:.3f}")
             if checkpoints is not None and (
