@@ -119,6 +119,17 @@ class CheckpointDir:
             raise CorruptCheckpoint(f"checkpoint pointer {self.pointer} is corrupted") from None
         return pointer
 
+    def adopt(self, other: CheckpointDir, steps: set[int]) -> None:
+        """Move ``other``'s kept checkpoints at ``steps`` into this folder's kept ones (files first, then
+        ``kept.json``: a crash in between leaves unlisted files, never a listed missing one)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        moved = {}
+        for step, (path, sha) in other.kept().items():
+            if step in steps:
+                os.replace(path, self.file(step))
+                moved[self.file(step).name] = sha
+        atomic_write(self.kept_registry, json.dumps({**self._kept_names(), **moved}, indent=1) + "\n")
+
     def drop_latest(self) -> None:
         """Remove the newest checkpoint (once the finished model is stored elsewhere), unless kept."""
         pointer = self._read_pointer()
