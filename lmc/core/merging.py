@@ -58,7 +58,7 @@ StateDict = dict[str, torch.Tensor]
 # --- tuning constants -------------------------------------------------------------------------------
 FISHER_FLOOR = 1e-6  # Fisher entries below this count as this (Matena & Raffel's fisher_floor), so an entry
 # no child is sensitive to gets the plain average and a zero Fisher never divides by zero
-FISHER_CHUNK_FLOATS = 2**24  # per-example, per-class gradients held at once by fisher_diagonal (64 MiB float32)
+FISHER_CHUNK_FLOATS = 2**24  # per-example gradients fisher_diagonal holds at once (64 MiB of float32)
 REGMEAN_ALPHA = 0.1  # RegMean's α: off-diagonal Gram entries scaled by α (the authors' released configs and
 # FusionBench's default use 0.1; α = 1 is the exact least-squares merge)
 REGMEAN_RIDGE = 1e-9  # ridge (relative to the mean diagonal of Σ G̃) pulling RegMean's solution toward the plain
@@ -283,7 +283,69 @@ def model_stock(
     return ModelStock(out, cosines, ratios)
 
 
+# --- layers that are linear maps of their inputs (RegMean, and the Fisher's fast path) ---------------
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers RegMean merges (and whose Fisher comes from inputs and output gradients): every ``nn.Linear``,
+    and every 1-D/2-D convolution with one group and zero padding given as numbers (a convolution is a
+    linear map of its input patches)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) or (isinstance(m, _CONVS) and m.groups == 1 and m.padding_mode == "zeros"
+                                        and not isinstance(m.padding, str)):
+            out[name] = m
+    return out
+
+
+def _layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows the layer multiplies by its weight: ``(rows, fan_in)`` (patches for a convolution, in the
+    order of ``weight.flatten(1)``)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
+        padding, stride = (0, module.padding[0]), (1, module.stride[0])
+    else:
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    if x.dim() == 3:  # an unbatched input
+        x = x.unsqueeze(0)
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, fan_in, L)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+
 # --- Fisher merging -------------------------------------------------------------------------------
+def _fisher_layers(model: nn.Module, params: Mapping[str, torch.Tensor], example: torch.Tensor) -> dict[str, nn.Module]:
+    """Layers whose Fisher :func:`fisher_diagonal` computes from their inputs and output gradients: linear
+    layers and convolutions (as for RegMean) that run once per forward pass."""
+    candidates = _linear_layers(model)
+    calls = dict.fromkeys(candidates, 0)
+
+    def count(name):
+        def hook(module, inputs, output):
+            calls[name] += 1
+        return hook
+
+    handles = [m.register_forward_hook(count(n)) for n, m in candidates.items()]
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, dict(params), (example,))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: m for n, m in candidates.items() if calls[n] == 1}
+
+
+def _layer_output_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient at a layer's output as ``(N, positions, out)``, matching :func:`_layer_inputs`' rows."""
+    if isinstance(module, nn.Linear):
+        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
+    return grad.flatten(2).transpose(1, 2)
+
+
 def fisher_diagonal(
     model: nn.Module,
     params: Mapping[str, torch.Tensor],
@@ -298,58 +360,125 @@ def fisher_diagonal(
     ``labels``: ``exact`` (Matena & Raffel): the expectation over y ∼ p_θ(y|xₙ), the model's own
     prediction, summed exactly over the classes; ``sampled``: one y drawn from p_θ(y|xₙ) per example
     (generator seeded by ``seed``); ``empirical``: the true labels ``targets`` (one tensor per batch) —
-    the "empirical Fisher", which is not the Fisher of the model's distribution."""
+    the "empirical Fisher", which is not the Fisher of the model's distribution.
+
+    Linear layers and convolutions get their per-example gradients from their inputs and the gradients
+    at their outputs (one backward pass of the batch per class: an example's output gradient depends on
+    that example alone in eval mode), ``g ⊗ a`` for a linear layer on one vector, so the squares sum as
+    ``(Σ p g²)ᵀ a²`` without forming per-example gradients; every other parameter (normalisation
+    layers, a layer run twice) gets them from ``torch.func.vmap``."""
     if labels not in FISHER_LABELS:
         raise ConfigError(f"unknown Fisher labels '{labels}'; valid: {', '.join(FISHER_LABELS)}")
     if labels == "empirical" and (targets is None or len(targets) != len(batches)):
         raise ConfigError("the empirical Fisher needs one tensor of true labels per batch (targets)")
     if not batches:
         raise ConfigError("fisher_diagonal needs at least one batch")
-    names = [n for n, _ in model.named_parameters()]
-    weights = {n: params[n].detach() for n in names}
-    buffers = {k: v for k, v in params.items() if k not in weights}
-    num_params = sum(w.numel() for w in weights.values())
-    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
     generator = torch.Generator().manual_seed(seed)
-
-    def log_probs(w, x):
-        out = torch.func.functional_call(model, (w, buffers), (x.unsqueeze(0),))
-        return out.squeeze(0).float().log_softmax(-1)
-
-    def log_prob_of(w, x, label):
-        return log_probs(w, x).gather(0, label[None]).squeeze(0)
-
-    per_example_jacobian = torch.func.vmap(torch.func.jacrev(log_probs), in_dims=(None, 0))
-    per_example_grad = torch.func.vmap(torch.func.grad(log_prob_of), in_dims=(None, 0, 0))
-    count = 0
     was_training = model.training
     model.eval()
     try:
+        layers = _fisher_layers(model, params, batches[0][:1])
+        owned = {f"{n}.{p}" if n else p: (n, p) for n, m in layers.items() for p in ("weight", "bias")
+                 if getattr(m, p, None) is not None}
+        names = [n for n, _ in model.named_parameters()]
+        fisher = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+        rest = [n for n in names if n not in owned]
+        count = 0
         for b, xb in enumerate(batches):
             with torch.no_grad():
-                probs = torch.func.functional_call(model, (weights, buffers), (xb,)).float().softmax(-1)
-            num_classes = probs.shape[1]
-            per_chunk = max(1, FISHER_CHUNK_FLOATS // (num_params * (num_classes if labels == "exact" else 1)))
-            if labels == "sampled":
-                yb = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(xb.device)
-            elif labels == "empirical":
-                yb = targets[b].to(xb.device)
-            for i in range(0, len(xb), per_chunk):
-                xc = xb[i : i + per_chunk]
-                if labels == "exact":
-                    jac = per_example_jacobian(weights, xc)  # {name: (n, C, *shape)}
-                    pc = probs[i : i + per_chunk]
-                    for n in fisher:
-                        sq = jac[n].float().square().flatten(2)
-                        fisher[n] += torch.einsum("nc,ncp->p", pc, sq).view_as(fisher[n])
-                else:
-                    grads = per_example_grad(weights, xc, yb[i : i + per_chunk])
-                    for n in fisher:
-                        fisher[n] += grads[n].float().square().sum(0)
+                probs = torch.func.functional_call(model, dict(params), (xb,)).float().softmax(-1)
+            if labels == "exact":  # (class, per-example weight) pairs
+                picks = [(torch.full((len(xb),), c, device=xb.device), probs[:, c]) for c in range(probs.shape[1])]
+            elif labels == "sampled":
+                drawn = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(xb.device)
+                picks = [(drawn, torch.ones(len(xb), device=xb.device))]
+            else:
+                picks = [(targets[b].to(xb.device), torch.ones(len(xb), device=xb.device))]
+            _fisher_from_layers(model, params, layers, xb, picks, fisher)
+            if rest:
+                _fisher_by_vmap(model, params, rest, xb, picks, fisher)
             count += len(xb)
     finally:
         model.train(was_training)
     return {n: f / count for n, f in fisher.items()}
+
+
+def _fisher_from_layers(model, params, layers, xb, picks, fisher) -> None:
+    """Add Σₙ Σ_picks w (∂ log p(y|xₙ)/∂θ)² of the weights and biases of ``layers`` to ``fisher``."""
+    inputs, outputs = {}, {}
+
+    def capture(name):
+        def hook(module, args, output):
+            inputs[name] = _layer_inputs(module, args[0].detach()).view(len(xb), -1, _fan_in(module))
+            outputs[name] = output
+            return output.clone()  # later in-place operations must not touch the tensor we differentiate at
+        return hook
+
+    trainable = {n for n, _ in model.named_parameters()}
+    weights = {k: (v.detach().requires_grad_() if k in trainable else v) for k, v in params.items()}
+    handles = [m.register_forward_hook(capture(n)) for n, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            log_probs = torch.func.functional_call(model, weights, (xb,)).float().log_softmax(-1)
+            order = list(layers)
+            squared = {n: None for n in order}  # Σ_picks w·g² per example, (N, out), for single-row layers
+            for pick, weight in picks:
+                chosen = log_probs.gather(1, pick[:, None]).sum()
+                grads = torch.autograd.grad(chosen, [outputs[n] for n in order], retain_graph=True,
+                                            allow_unused=True)
+                for n, grad in zip(order, grads):
+                    if grad is None:
+                        continue
+                    rows = _layer_output_rows(layers[n], grad.detach()).float()  # (N, L, out)
+                    prefix = f"{n}." if n else ""
+                    if rows.shape[1] == 1:
+                        term = weight[:, None] * rows[:, 0].square()
+                        squared[n] = term if squared[n] is None else squared[n] + term
+                        continue
+                    a = inputs[n].float()
+                    per_chunk = max(1, FISHER_CHUNK_FLOATS // (rows.shape[2] * a.shape[2]))
+                    w_key = prefix + "weight"
+                    for i in range(0, len(xb), per_chunk):
+                        g_i = torch.einsum("nlo,nli->noi", rows[i : i + per_chunk], a[i : i + per_chunk])
+                        fisher[w_key] += torch.einsum("n,noi->oi", weight[i : i + per_chunk],
+                                                      g_i.square()).view_as(fisher[w_key])
+                    if prefix + "bias" in fisher:
+                        fisher[prefix + "bias"] += weight @ rows.sum(1).square()
+            for n, sq in squared.items():
+                if sq is None:
+                    continue
+                prefix = f"{n}." if n else ""
+                a = inputs[n][:, 0].float()
+                fisher[prefix + "weight"] += (sq.T @ a.square()).view_as(fisher[prefix + "weight"])
+                if prefix + "bias" in fisher:
+                    fisher[prefix + "bias"] += sq.sum(0)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _fan_in(module: nn.Module) -> int:
+    return module.weight[0].numel()
+
+
+def _fisher_by_vmap(model, params, names, xb, picks, fisher) -> None:
+    """Add Σₙ Σ_picks w (∂ log p(y|xₙ)/∂θ)² of the parameters ``names`` to ``fisher``, from per-example
+    gradients (``torch.func``), the other entries held fixed."""
+    free = {n: params[n].detach() for n in names}
+    fixed = {k: v for k, v in params.items() if k not in free}
+
+    def log_prob(w, x, label):
+        out = torch.func.functional_call(model, {**fixed, **w}, (x.unsqueeze(0),))
+        return out.squeeze(0).float().log_softmax(-1).gather(0, label[None]).squeeze(0)
+
+    per_example = torch.func.vmap(torch.func.grad(log_prob), in_dims=(None, 0, 0))
+    per_chunk = max(1, FISHER_CHUNK_FLOATS // max(1, sum(v.numel() for v in free.values())))
+    for pick, weight in picks:
+        for i in range(0, len(xb), per_chunk):
+            grads = per_example(free, xb[i : i + per_chunk], pick[i : i + per_chunk])
+            w = weight[i : i + per_chunk]
+            for n in names:
+                fisher[n] += torch.einsum("n,n...->...", w, grads[n].float().square())
 
 
 def fisher_merge(
@@ -387,37 +516,6 @@ def fisher_merge(
 
 
 # --- RegMean --------------------------------------------------------------------------------------
-_CONVS = (nn.Conv1d, nn.Conv2d)
-
-
-def _regmean_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Layers RegMean merges: every ``nn.Linear``, and every 1-D/2-D convolution with one group and zero
-    padding given as numbers (a convolution is a linear map of its input patches)."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) or (isinstance(m, _CONVS) and m.groups == 1 and m.padding_mode == "zeros"
-                                        and not isinstance(m.padding, str)):
-            out[name] = m
-    return out
-
-
-def _layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows the layer multiplies by its weight: ``(rows, fan_in)`` (patches for a convolution, in the
-    order of ``weight.flatten(1)``)."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
-        padding, stride = (0, module.padding[0]), (1, module.stride[0])
-    else:
-        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
-    if x.dim() == 3:  # an unbatched input
-        x = x.unsqueeze(0)
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, fan_in, L)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
 @torch.no_grad()
 def gram_matrices(
     model: nn.Module,
@@ -429,7 +527,7 @@ def gram_matrices(
     linear layers and convolutions :func:`regmean_merge` can merge), the Gram matrix of its inputs over
     ``batches``, ``[X 1]ᵀ[X 1]`` — float64, ``(fan_in + 1)²``, the last row/column being the column sums
     of X and the number of rows (so a merge can include the bias; eval mode, forward hooks)."""
-    available = _regmean_modules(model)
+    available = _linear_layers(model)
     names = list(available) if modules is None else list(modules)
     for name in names:
         if name not in available:
