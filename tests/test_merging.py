@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from lmc.core.data.shifted import DEFAULT_SHIFT, mnist1d_shifted
 from lmc.core.merging import (
+    _fisher_layers,
     average,
     best_child,
     ensemble_evaluate,
@@ -214,9 +215,14 @@ def images_net():
                          nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))
 
 
+def norms_net():
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Unflatten(1, (2, 4)), nn.GroupNorm(1, 2),
+                         nn.Flatten(), nn.Linear(8, 3))
+
+
 @pytest.mark.parametrize("labels", ["exact", "sampled", "empirical"])
-@pytest.mark.parametrize("build", [lambda: mlp(width=8), SharedLayer, conv1d_net, images_net],
-                         ids=["mlp", "shared", "conv1d", "conv2d_bn"])
+@pytest.mark.parametrize("build", [lambda: mlp(width=8), SharedLayer, conv1d_net, images_net, norms_net],
+                         ids=["mlp", "shared", "conv1d", "conv2d_bn", "layer_group_norm"])
 def test_fisher_diagonal_matches_a_plain_per_example_loop(labels, build):
     model = seeded_init(build, 0)
     params = perturbed(model.state_dict(), 3)
@@ -237,6 +243,9 @@ def test_fisher_diagonal_matches_a_plain_per_example_loop(labels, build):
     for n in reference:
         assert torch.allclose(fisher[n], reference[n], rtol=1e-4, atol=1e-9), n
         assert reference[n].sum() > 0, n
+    # every layer but the one run twice takes the path through inputs and output gradients
+    fast = set(_fisher_layers(model, params, x[:1]))
+    assert fast == {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))} - {"shared"}
     assert torch.equal(model.state_dict()[next(iter(params))], seeded_init(build, 0).state_dict()[next(iter(params))])
 
 

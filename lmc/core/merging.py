@@ -316,12 +316,26 @@ def _layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+def _fan_in(module: nn.Module) -> int:
+    return module.weight[0].numel()
+
 
 # --- Fisher merging -------------------------------------------------------------------------------
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+def _affine_norm(module: nn.Module) -> bool:
+    """A normalisation layer with an affine weight whose normalised input depends on its example alone in
+    eval mode (BatchNorm only with running statistics)."""
+    if not isinstance(module, _NORMS) or getattr(module, "weight", None) is None:
+        return False
+    return not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.track_running_stats
+
+
 def _fisher_layers(model: nn.Module, params: Mapping[str, torch.Tensor], example: torch.Tensor) -> dict[str, nn.Module]:
     """Layers whose Fisher :func:`fisher_diagonal` computes from their inputs and output gradients: linear
-    layers and convolutions (as for RegMean) that run once per forward pass."""
-    candidates = _linear_layers(model)
+    layers and convolutions (as for RegMean) and affine normalisation layers, each run once per forward pass."""
+    candidates = {**_linear_layers(model), **{n: m for n, m in model.named_modules() if _affine_norm(m)}}
     calls = dict.fromkeys(candidates, 0)
 
     def count(name):
@@ -339,11 +353,35 @@ def _fisher_layers(model: nn.Module, params: Mapping[str, torch.Tensor], example
     return {n: m for n, m in candidates.items() if calls[n] == 1}
 
 
-def _layer_output_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient at a layer's output as ``(N, positions, out)``, matching :func:`_layer_inputs`' rows."""
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a layer's weight multiplies, per example, as ``(N, positions, features)``: the input rows of a
+    linear layer or convolution (:func:`_layer_inputs`), or the normalised input x̂ of a normalisation
+    layer, whose weight scales it elementwise (``y = γ·x̂ + β``)."""
+    n = x.shape[0]
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x_hat = (x - module.running_mean.view(shape)) / (module.running_var.view(shape) + module.eps).sqrt()
+        return _channels_last_rows(x_hat)
+    if isinstance(module, nn.GroupNorm):
+        return _channels_last_rows(F.group_norm(x, module.num_groups, eps=module.eps))
+    if isinstance(module, nn.LayerNorm):
+        x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        return x_hat.reshape(n, -1, module.weight.numel())
+    return _layer_inputs(module, x).view(n, -1, _fan_in(module))
+
+
+def _channels_last_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *spatial)`` as ``(N, positions, C)``."""
+    return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+
+
+def _output_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient at a layer's output as ``(N, positions, out)``, matching :func:`_rows`."""
     if isinstance(module, nn.Linear):
         return grad.reshape(grad.shape[0], -1, grad.shape[-1])
-    return grad.flatten(2).transpose(1, 2)
+    if isinstance(module, nn.LayerNorm):
+        return grad.reshape(grad.shape[0], -1, module.weight.numel())
+    return _channels_last_rows(grad)
 
 
 def fisher_diagonal(
@@ -362,11 +400,11 @@ def fisher_diagonal(
     (generator seeded by ``seed``); ``empirical``: the true labels ``targets`` (one tensor per batch) —
     the "empirical Fisher", which is not the Fisher of the model's distribution.
 
-    Linear layers and convolutions get their per-example gradients from their inputs and the gradients
-    at their outputs (one backward pass of the batch per class: an example's output gradient depends on
-    that example alone in eval mode), ``g ⊗ a`` for a linear layer on one vector, so the squares sum as
-    ``(Σ p g²)ᵀ a²`` without forming per-example gradients; every other parameter (normalisation
-    layers, a layer run twice) gets them from ``torch.func.vmap``."""
+    Linear layers, convolutions and affine normalisation layers get their per-example gradients from
+    their inputs and the gradients at their outputs (one backward pass of the batch per class: in eval
+    mode an example's output gradient depends on that example alone) — ``g ⊗ a`` for a linear layer on
+    one vector, so the squares sum as ``(Σ p g²)ᵀ a²`` without forming per-example gradients; any other
+    parameter (a layer run twice, a custom layer) gets them from ``torch.func.vmap``."""
     if labels not in FISHER_LABELS:
         raise ConfigError(f"unknown Fisher labels '{labels}'; valid: {', '.join(FISHER_LABELS)}")
     if labels == "empirical" and (targets is None or len(targets) != len(batches)):
@@ -378,7 +416,7 @@ def fisher_diagonal(
     model.eval()
     try:
         layers = _fisher_layers(model, params, batches[0][:1])
-        owned = {f"{n}.{p}" if n else p: (n, p) for n, m in layers.items() for p in ("weight", "bias")
+        owned = {f"{n}.{p}" if n else p for n, m in layers.items() for p in ("weight", "bias")
                  if getattr(m, p, None) is not None}
         names = [n for n, _ in model.named_parameters()]
         fisher = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
@@ -404,12 +442,14 @@ def fisher_diagonal(
 
 
 def _fisher_from_layers(model, params, layers, xb, picks, fisher) -> None:
-    """Add Σₙ Σ_picks w (∂ log p(y|xₙ)/∂θ)² of the weights and biases of ``layers`` to ``fisher``."""
-    inputs, outputs = {}, {}
+    """Add Σₙ Σ_picks w (∂ log p(y|xₙ)/∂θ)² of the weights and biases of ``layers`` to ``fisher``: a linear
+    layer's per-example weight gradient is ``Σ_positions g ⊗ a`` (g at its output, a its input row), a
+    normalisation layer's ``Σ_positions g·x̂``; biases get ``Σ_positions g``."""
+    features, outputs = {}, {}
 
     def capture(name):
         def hook(module, args, output):
-            inputs[name] = _layer_inputs(module, args[0].detach()).view(len(xb), -1, _fan_in(module))
+            features[name] = _rows(module, args[0].detach()).float()
             outputs[name] = output
             return output.clone()  # later in-place operations must not touch the tensor we differentiate at
         return hook
@@ -420,45 +460,42 @@ def _fisher_from_layers(model, params, layers, xb, picks, fisher) -> None:
     try:
         with torch.enable_grad():
             log_probs = torch.func.functional_call(model, weights, (xb,)).float().log_softmax(-1)
-            order = list(layers)
-            squared = {n: None for n in order}  # Σ_picks w·g² per example, (N, out), for single-row layers
-            for pick, weight in picks:
-                chosen = log_probs.gather(1, pick[:, None]).sum()
-                grads = torch.autograd.grad(chosen, [outputs[n] for n in order], retain_graph=True,
-                                            allow_unused=True)
-                for n, grad in zip(order, grads):
-                    if grad is None:
-                        continue
-                    rows = _layer_output_rows(layers[n], grad.detach()).float()  # (N, L, out)
-                    prefix = f"{n}." if n else ""
-                    if rows.shape[1] == 1:
-                        term = weight[:, None] * rows[:, 0].square()
-                        squared[n] = term if squared[n] is None else squared[n] + term
-                        continue
-                    a = inputs[n].float()
+        order = list(layers)
+        squared = dict.fromkeys(order)  # Σ_picks w·g² per example (N, out), for linear layers on one row
+        for pick, weight in picks:
+            chosen = log_probs.gather(1, pick[:, None]).sum()
+            grads = torch.autograd.grad(chosen, [outputs[n] for n in order], retain_graph=True, allow_unused=True)
+            for n, grad in zip(order, grads):
+                if grad is None:
+                    continue
+                module, rows, a = layers[n], _output_rows(layers[n], grad.detach()).float(), features[n]
+                prefix = f"{n}." if n else ""
+                w_key, b_key = prefix + "weight", prefix + "bias"
+                if isinstance(module, _NORMS):
+                    fisher[w_key] += (weight @ (rows * a).sum(1).square()).view_as(fisher[w_key])
+                elif rows.shape[1] == 1:
+                    term = weight[:, None] * rows[:, 0].square()
+                    squared[n] = term if squared[n] is None else squared[n] + term
+                    continue
+                else:
                     per_chunk = max(1, FISHER_CHUNK_FLOATS // (rows.shape[2] * a.shape[2]))
-                    w_key = prefix + "weight"
                     for i in range(0, len(xb), per_chunk):
                         g_i = torch.einsum("nlo,nli->noi", rows[i : i + per_chunk], a[i : i + per_chunk])
                         fisher[w_key] += torch.einsum("n,noi->oi", weight[i : i + per_chunk],
                                                       g_i.square()).view_as(fisher[w_key])
-                    if prefix + "bias" in fisher:
-                        fisher[prefix + "bias"] += weight @ rows.sum(1).square()
-            for n, sq in squared.items():
-                if sq is None:
-                    continue
-                prefix = f"{n}." if n else ""
-                a = inputs[n][:, 0].float()
-                fisher[prefix + "weight"] += (sq.T @ a.square()).view_as(fisher[prefix + "weight"])
-                if prefix + "bias" in fisher:
-                    fisher[prefix + "bias"] += sq.sum(0)
+                if b_key in fisher:
+                    fisher[b_key] += (weight @ rows.sum(1).square()).view_as(fisher[b_key])
+        for n, sq in squared.items():
+            if sq is None:
+                continue
+            prefix = f"{n}." if n else ""
+            a = features[n][:, 0]
+            fisher[prefix + "weight"] += (sq.T @ a.square()).view_as(fisher[prefix + "weight"])
+            if prefix + "bias" in fisher:
+                fisher[prefix + "bias"] += sq.sum(0)
     finally:
         for h in handles:
             h.remove()
-
-
-def _fan_in(module: nn.Module) -> int:
-    return module.weight[0].numel()
 
 
 def _fisher_by_vmap(model, params, names, xb, picks, fisher) -> None:

@@ -35,9 +35,10 @@ __all__ = ["DEFAULT_SHIFT", "SHIFT_KEYS", "mnist1d_shifted"]
 SHIFT_KEYS = ("template_len", "padding", "scale_coeff", "max_translation", "corr_noise_scale", "iid_noise_scale",
               "shear_scale")
 
-# the default shift: twice the correlated noise, 2.5x the i.i.d. noise, twice the shear and twice the
-# per-example scale spread of the training distribution
-DEFAULT_SHIFT = {"corr_noise_scale": 0.5, "iid_noise_scale": 0.05, "shear_scale": 1.5, "scale_coeff": 0.8}
+# the default shift: 1.4x the correlated noise, 1.5x the i.i.d. noise, 1.33x the shear and 1.5x the
+# per-example scale spread of the training distribution (an MLP at 66% test accuracy keeps about 47%;
+# the correlated noise matters most: 0.5 alone brings it to 33%)
+DEFAULT_SHIFT = {"corr_noise_scale": 0.35, "iid_noise_scale": 0.03, "shear_scale": 1.0, "scale_coeff": 0.6}
 
 DEFAULT_SEED = 1  # not make_dataset's 42, so that an unshifted set holds fresh examples, not the training set
 
