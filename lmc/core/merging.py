@@ -409,13 +409,13 @@ def fisher_diagonal(
         raise ConfigError(f"unknown Fisher labels '{labels}'; valid: {', '.join(FISHER_LABELS)}")
     if labels == "empirical" and (targets is None or len(targets) != len(batches)):
         raise ConfigError("the empirical Fisher needs one tensor of true labels per batch (targets)")
-    if not batches:
-        raise ConfigError("fisher_diagonal needs at least one batch")
+    if not sum(len(xb) for xb in batches):
+        raise ConfigError("fisher_diagonal needs at least one example in its batches")
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        layers = _fisher_layers(model, params, batches[0][:1])
+        layers = _fisher_layers(model, params, next(xb for xb in batches if len(xb))[:1])
         owned = {f"{n}.{p}" if n else p for n, m in layers.items() for p in ("weight", "bias")
                  if getattr(m, p, None) is not None}
         names = [n for n, _ in model.named_parameters()]
@@ -423,6 +423,8 @@ def fisher_diagonal(
         rest = [n for n in names if n not in owned]
         count = 0
         for b, xb in enumerate(batches):
+            if not len(xb):
+                continue
             with torch.no_grad():
                 probs = torch.func.functional_call(model, dict(params), (xb,)).float().softmax(-1)
             if labels == "exact":  # (class, per-example weight) pairs
