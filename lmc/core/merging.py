@@ -63,7 +63,7 @@ REGMEAN_ALPHA = 0.1  # RegMean's α: off-diagonal Gram entries scaled by α (the
 # FusionBench's default use 0.1; α = 1 is the exact least-squares merge)
 REGMEAN_RIDGE = 1e-9  # ridge (relative to the mean diagonal of Σ G̃) pulling RegMean's solution toward the plain
 # average: decides the weights of inputs no child ever saw non-zero (dead units), negligible elsewhere
-COS_EPS = 1e-12  # Model Stock: an update with a squared norm below this is no update (cosine 0)
+COS_EPS = 1e-12  # Model Stock: two updates whose norms multiply to less than this have cosine 0 (no update)
 
 FISHER_LABELS = ("exact", "sampled", "empirical")
 _RUNNING_STATS = ("running_mean", "running_var")
@@ -530,7 +530,9 @@ def fisher_merge(
     """Fisher-weighted average (Matena & Raffel, 2022, Eq. 2): ``θ* = Σᵢ λᵢ Fᵢ θᵢ / Σᵢ λᵢ Fᵢ`` per entry that
     has a Fisher, with ``Fᵢ ← max(Fᵢ, floor)``; ``λ`` = ``weights`` (default equal). ``normalize`` divides
     each λᵢ by the L2 norm of child i's whole Fisher (an option of the authors' code). Entries without a
-    Fisher (buffers) are averaged with λ."""
+    Fisher (buffers) are averaged with λ. The floor applies to every child, so an entry where every
+    Fisher is zero gets the plain average (the authors' code floors only the first, "target", model by
+    default and so takes its value there)."""
     _check_same_layout(state_dicts, "Fisher merging")
     if len(fishers) != len(state_dicts):
         raise ConfigError(f"Fisher merging needs one Fisher per model: {len(state_dicts)} models, "
@@ -611,7 +613,8 @@ def regmean_merge(
     :func:`gram_matrices`) gets ``W* = (Σᵢ G̃ᵢ)⁻¹ Σᵢ G̃ᵢ Wᵢ`` (weights as ``(fan_in, out)``), ``G̃ = α·G +
     (1 − α)·diag(G)``; every other entry is averaged. ``bias="average"`` (the paper) averages biases;
     ``"augment"`` solves for weight and bias together on the inputs extended by a constant 1 — with α = 1
-    that is the least-squares fit of every child's layer outputs on the pooled inputs."""
+    that is the least-squares fit of every child's layer outputs on the pooled inputs. A tiny ridge toward
+    the plain average (``REGMEAN_RIDGE``) settles the weights of inputs that were zero on every batch."""
     _check_same_layout(state_dicts, "RegMean")
     if len(grams) != len(state_dicts):
         raise ConfigError(f"RegMean needs one set of Gram matrices per model: {len(state_dicts)} models, "
