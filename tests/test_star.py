@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from lmc.core.data import Dataset
 from lmc.core.models import build_model
 from lmc.core.normalization import reset_bn_stats
-from lmc.core.permutation import apply_permutation, permutation_spec, random_permutation
+from lmc.core.permutation import apply_permutation, matching_objective, permutation_spec, random_permutation
 from lmc.core.star import (
     StarConfig,
     StarEvalConfig,
@@ -350,6 +350,40 @@ def test_second_model_is_aligned_to_the_first():
     assert by_pair["star0-held_out0", "test"].error == pytest.approx(0, abs=1e-9)
     assert {(p.pair, p.split): p for p in naive.pairs}["star0-held_out0", "train"].loss > 0.05
     assert {r["method"] for r in naive.curves} == {"none"}
+
+
+def test_restarts_keep_the_weight_matching_with_the_highest_objective(monkeypatch):
+    """With align_restarts=3 the pair is aligned by the best of weight matching's seeds 4, 5, 6 (by its
+    objective); with 1, by seed 4 alone."""
+    import lmc.core.star as star_module
+
+    data = tiny_data(64)
+    model = mlp(0, width=24)
+    spec = permutation_spec(model, data.x_train[:2])
+    a, b = model.state_dict(), mlp(1, width=24).state_dict()
+    names = [k for k, _ in model.named_parameters()]
+    params_a, params_b = {k: a[k] for k in names}, {k: b[k] for k in names}
+    # a weight matching whose seed 5 stops after one pass: three different optima to choose from
+    original = star_module.weight_matching
+    seeds = []
+
+    def recorded(*args, seed, **kwargs):
+        seeds.append(seed)
+        return original(*args, **{**kwargs, "max_iter": 1 if seed == 5 else kwargs["max_iter"]}, seed=seed)
+
+    monkeypatch.setattr(star_module, "weight_matching", recorded)
+    perms = {s: original(spec, params_a, params_b, seed=s, max_iter=1 if s == 5 else 100) for s in (4, 5, 6)}
+    objectives = {s: matching_objective(spec, p, params_a, params_b) for s, p in perms.items()}
+    best = max(objectives, key=objectives.get)
+    for restarts, expected in ((3, best), (1, 4)):
+        seeds.clear()
+        cfg = StarEvalConfig(align_seed=4, align_restarts=restarts)
+        chosen = star_module._best_matching(spec, a, b, names, cfg)
+        assert seeds == [4, 5, 6][:restarts]
+        assert all(torch.equal(chosen[g], perms[expected][g]) for g in chosen)
+    assert len(set(objectives.values())) > 1
+    with pytest.raises(ConfigError, match="align_restarts"):
+        StarEvalConfig(align_restarts=0)
 
 
 def test_batchnorm_statistics_are_reset_at_every_alpha():

@@ -48,6 +48,7 @@ from lmc.core.permutation import (
     Permutation,
     PermutationSpec,
     apply_permutation,
+    matching_objective,
     permutation_spec,
     sinkhorn_rebasin,
     weight_matching,
@@ -276,7 +277,9 @@ class StarEvalConfig:
     pair_types: tuple[str, ...] = PAIR_TYPES  # which pair types to measure (see PAIR_TYPES)
     align: str = "weight_matching"  # the second model of a pair aligned to the first: weight_matching | none
     align_max_iter: int = 100  # weight-matching passes
-    align_seed: int = 0  # weight matching's group order
+    align_seed: int = 0  # weight matching's group order (restart r uses align_seed + r)
+    align_restarts: int = 1  # weight-matching runs per pair, the highest matching objective kept; the paper
+    # runs it once, but coordinate descent can stop in a poor local optimum with a much higher barrier
     num_alphas: int = 11  # α ∈ linspace(0, 1, num_alphas); find_barriers.py uses 11 points
     reset_bn: bool | str = "auto"  # recompute BatchNorm statistics at every α: auto (= model has BatchNorm) | bool
     stat_batches: int = 10  # training batches for the BatchNorm reset
@@ -294,6 +297,8 @@ class StarEvalConfig:
                               f"{', '.join(PAIR_TYPES)}")
         if self.align not in EVAL_ALIGN:
             raise ConfigError(f"unknown star eval align '{self.align}'; valid: {', '.join(EVAL_ALIGN)}")
+        if isinstance(self.align_restarts, bool) or not isinstance(self.align_restarts, int) or self.align_restarts < 1:
+            raise ConfigError(f"star eval align_restarts must be a positive integer, got {self.align_restarts!r}")
         alpha_grid(self.num_alphas)  # validates num_alphas
 
 
@@ -380,6 +385,20 @@ def _summarise(pairs: list[PairBarrier]) -> list[BarrierSummary]:
     return out
 
 
+def _best_matching(spec: PermutationSpec, sd_a: StateDict, sd_b: StateDict, names: list[str],
+                   cfg: StarEvalConfig) -> Permutation:
+    """Weight matching of B's parameters to A's, ``cfg.align_restarts`` times (seeds ``align_seed + r``);
+    the permutation with the highest matching objective."""
+    params_a, params_b = {k: sd_a[k] for k in names}, {k: sd_b[k] for k in names}
+    best, best_objective = None, -math.inf
+    for restart in range(cfg.align_restarts):
+        perm = weight_matching(spec, params_a, params_b, max_iter=cfg.align_max_iter, seed=cfg.align_seed + restart)
+        objective = matching_objective(spec, perm, params_a, params_b) if cfg.align_restarts > 1 else 0.0
+        if objective > best_objective:
+            best, best_objective = perm, objective
+    return best
+
+
 def evaluate_star(
     model: nn.Module,
     stars: Sequence[StateDict],
@@ -414,9 +433,7 @@ def evaluate_star(
     for pair_type, first, second in tqdm(todo, desc="star pairs", disable=not progress, leave=False):
         sd_a, sd_b = models[first], models[second]
         if cfg.align == "weight_matching":
-            perm = weight_matching(spec, {k: sd_a[k] for k in names}, {k: sd_b[k] for k in names},
-                                   max_iter=cfg.align_max_iter, seed=cfg.align_seed)
-            sd_b = apply_permutation(spec, perm, sd_b)
+            sd_b = apply_permutation(spec, _best_matching(spec, sd_a, sd_b, names, cfg), sd_b)
         correct, suffix = corrections(model, sd_a, sd_b, batches, reset_bn=reset_bn, repair=False)
         method = cfg.align + suffix
         rows = sweep(model, sd_a, sd_b, alphas, splits, method, correct=correct, batch_size=cfg.eval_batch_size)
