@@ -22,8 +22,8 @@ from lmc.errors import ConfigError
 from lmc.io import CheckpointDir
 from lmc.settings import NonNegativeFloat, PositiveFloat, PositiveInt
 
-__all__ = ["TrainConfig", "TrainingDiverged", "check_thread_safe", "concurrently", "evaluate", "seeded_init", "train",
-           "train_pair"]
+__all__ = ["Objective", "TrainConfig", "TrainingDiverged", "check_thread_safe", "concurrently", "evaluate",
+           "seeded_init", "train", "train_pair"]
 
 
 @dataclass
@@ -90,6 +90,29 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class Objective:
+    """What :func:`train` minimises at each step, with hooks at the start and end of every epoch. This one
+    is the model's own cross-entropy (plain training); a subclass replaces the loss (the star model of
+    :mod:`lmc.core.star`, a loss through interpolated weights) and may keep state of its own, which the
+    training checkpoints carry (``state_dict``/``load_state_dict``), so that a resumed run continues it."""
+
+    def loss(self, forward: Callable, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """The step's loss on the batch ``(x, y)``; ``forward`` is the model (or its compiled version)."""
+        return F.cross_entropy(forward(x), y, label_smoothing=label_smoothing)
+
+    def epoch_start(self, epoch: int) -> None:
+        """Before epoch ``epoch``'s first step (0-based); not called again when a run resumes mid-epoch."""
+
+    def epoch_end(self, epoch: int) -> None:
+        """After epoch ``epoch``'s last step, before its record and checkpoint."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
+
+
 def seeded_init(build: Callable[[], nn.Module], seed: int) -> nn.Module:
     """``build()`` with the global torch RNG seeded by ``seed`` (restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
@@ -144,6 +167,7 @@ def train(
     checkpoints: CheckpointDir | None = None,
     stop_step: int | None = None,
     start: Mapping | None = None,
+    objective: Objective | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``data`` (tensors already on the model's device).
 
@@ -163,8 +187,10 @@ def train(
     and at the last step; training resumes from the newest checkpoint found there, and ends bitwise
     identical (on the CPU) to an uninterrupted run. ``stop_step`` stops after that many optimiser
     steps (a spawn parent); ``start`` is such a parent's final state, from which this run continues
-    with its own data-order and augmentation seeds (a spawned child).
+    with its own data-order and augmentation seeds (a spawned child). ``objective`` replaces the loss
+    of a step (default: the model's cross-entropy, :class:`Objective`); its state is checkpointed too.
     """
+    objective = Objective() if objective is None else objective
     x, y = data.x_train, data.y_train
     n = len(y)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -193,6 +219,7 @@ def train(
             order_gen.set_state(state["order_gen"])
             aug_gen.set_state(state["aug_gen"])
             epoch_sum, epoch_seen = state["epoch_sum"], state["epoch_seen"]
+            objective.load_state_dict(state.get("objective", {}))
     if resume and history and history[-1].get("stopped") and history[-1]["epoch"] * steps_per_epoch == step:
         last_step = step  # this run had already stopped at its loss threshold
     start_epoch, start_i = divmod(step, steps_per_epoch)
@@ -210,7 +237,7 @@ def train(
                 # the order generator as it was before drawing the current epoch's order
                 "order_gen": order_gen.get_state() if at_epoch_end else epoch_start_gen,
                 "aug_gen": aug_gen.get_state(), "rng": _rng_state(x.device), "step": step, "history": history,
-                "epoch_sum": epoch_sum, "epoch_seen": epoch_seen,
+                "epoch_sum": epoch_sum, "epoch_seen": epoch_seen, "objective": objective.state_dict(),
             }, keep=step in keep_steps)
 
         def check_finite(loss_sum: float, epoch: int) -> None:
@@ -226,13 +253,16 @@ def train(
             epoch_start_gen = order_gen.get_state()
             order = torch.randperm(n, generator=order_gen).to(x.device)
             total = torch.zeros((), device=x.device)
-            for i in range(start_i if epoch == start_epoch else 0, steps_per_epoch):
+            first_i = start_i if epoch == start_epoch else 0
+            if first_i == 0:
+                objective.epoch_start(epoch)
+            for i in range(first_i, steps_per_epoch):
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 xb = x[idx] if augment is None else augment(x[idx], aug_gen)
                 if memory_format is not None:
                     xb = xb.contiguous(memory_format=memory_format)
                 with autocast():
-                    loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=cfg.label_smoothing)
+                    loss = objective.loss(forward, xb, y[idx], cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -250,6 +280,7 @@ def train(
             check_finite(mean_loss, epoch)
             if step % steps_per_epoch:
                 break  # stopped inside an epoch (spawn parent), checkpointed above
+            objective.epoch_end(epoch)
             history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": sched.get_last_lr()[0]})
             if cfg.stop_loss is not None and mean_loss < cfg.stop_loss:
                 history[-1]["stopped"] = True
