@@ -12,3 +12,12 @@ class StoreError(RuntimeError):
 
 class CorruptCheckpoint(StoreError):
     """A stored checkpoint is truncated or corrupted (unreadable or its sha256 does not match)."""
+
+
+class CorruptFile(StoreError):
+    """A result file (``results.json``, ``curves.csv``) is truncated or corrupted; the message names it."""
+
+
+class WriteFailed(StoreError):
+    """A file could not be written (no space left, read-only folder); the file it would have replaced is
+    intact. The message names the path and the reason."""

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lmc.errors import ConfigError
+from lmc.errors import ConfigError, CorruptFile, WriteFailed
 from lmc.io import read_curves
 from lmc.report.plotting import plot_sweep
 from lmc.report.results import read_results
@@ -34,14 +34,26 @@ def _runs(run_dirs: list[Path]) -> int:
             print(f"error: {run_dir} is not a run directory (missing {', '.join(missing)})", file=sys.stderr)
             status = 2
             continue
-        results = read_results(run_dir)
         try:
+            results = read_results(run_dir)
+            rows = read_curves(run_dir)
             study = study_for_results(results)
-        except ConfigError as exc:
-            print(f"error: {run_dir}: {exc}", file=sys.stderr)
+        except (ConfigError, CorruptFile) as exc:
+            print(f"error: {exc}", file=sys.stderr)
             status = 2
             continue
-        for path in study.figures(run_dir, results, read_curves(run_dir)):
+        try:
+            paths = study.figures(run_dir, results, rows)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            print(f"error: {run_dir / 'results.json'} lacks what the {study.name} figures need "
+                  f"({type(exc).__name__}: {exc})", file=sys.stderr)
+            status = 2
+            continue
+        except WriteFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        for path in paths:
             print(path)
     return status
 

@@ -9,6 +9,7 @@ file is detected on read and raised as :class:`lmc.errors.CorruptCheckpoint` nam
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmc.errors import CorruptCheckpoint
+from lmc.errors import CorruptCheckpoint, CorruptFile, WriteFailed
 
 __all__ = ["CURVE_COLUMNS", "CheckpointDir", "atomic_write", "load_verified", "read_curves", "save_atomic",
            "write_curves"]
@@ -29,14 +30,23 @@ CURVE_COLUMNS = ("method", "layer", "split", "alpha", "loss", "acc")
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``: readers see the
-    old file or the new one, never a partial one."""
+    """Write ``data`` to a temporary file next to ``path``, flush it to disk, then rename it over ``path``:
+    readers see the old file or the new one, never a partial one. A failed write (a full disk, a
+    read-only folder) removes the temporary file, leaves ``path`` as it was and raises
+    :class:`~lmc.errors.WriteFailed` naming the path."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, newline="")  # written as given (csv's line endings stay as csv makes them)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode())  # as given: csv's line endings stay
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise WriteFailed(f"cannot write {path} ({exc.strerror or exc}); the previous file, if any, is "
+                          "unchanged") from None
 
 
 def save_atomic(path: str | os.PathLike, obj: Any) -> str:
@@ -119,6 +129,17 @@ class CheckpointDir:
             raise CorruptCheckpoint(f"checkpoint pointer {self.pointer} is corrupted") from None
         return pointer
 
+    def adopt(self, other: CheckpointDir, steps: set[int]) -> None:
+        """Move ``other``'s kept checkpoints at ``steps`` into this folder's kept ones (files first, then
+        ``kept.json``: a crash in between leaves unlisted files, never a listed missing one)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        moved = {}
+        for step, (path, sha) in other.kept().items():
+            if step in steps:
+                os.replace(path, self.file(step))
+                moved[self.file(step).name] = sha
+        atomic_write(self.kept_registry, json.dumps({**self._kept_names(), **moved}, indent=1) + "\n")
+
     def drop_latest(self) -> None:
         """Remove the newest checkpoint (once the finished model is stored elsewhere), unless kept."""
         pointer = self._read_pointer()
@@ -163,9 +184,21 @@ def write_curves(run_dir: str | os.PathLike, rows: list[Mapping]) -> Path:
 
 
 def read_curves(run_dir: str | os.PathLike) -> list[dict]:
-    """``curves.csv``'s rows: ``alpha``, ``loss``, ``acc`` as floats, other columns as written (strings)."""
-    with open(Path(run_dir) / "curves.csv", newline="") as f:
-        return [
-            {**r, "alpha": float(r["alpha"]), "loss": float(r["loss"]), "acc": float(r["acc"])}
-            for r in csv.DictReader(f)
-        ]
+    """``curves.csv``'s rows: ``alpha``, ``loss``, ``acc`` as floats, other columns as written (strings).
+    A truncated or corrupted file raises :class:`~lmc.errors.CorruptFile` naming it."""
+    path = Path(run_dir) / "curves.csv"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not set(CURVE_COLUMNS) <= set(reader.fieldnames):
+                raise ValueError(f"its header lacks {', '.join(CURVE_COLUMNS)}")
+            rows = []
+            for line, r in enumerate(reader, start=2):
+                if None in r or any(r[k] in (None, "") for k in ("method", "split", "alpha", "loss", "acc")):
+                    raise ValueError(f"line {line} is incomplete")
+                rows.append({**r, "alpha": float(r["alpha"]), "loss": float(r["loss"]), "acc": float(r["acc"])})
+            return rows
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, csv.Error, UnicodeDecodeError) as exc:
+        raise CorruptFile(f"{path} is truncated or corrupted ({exc})") from None

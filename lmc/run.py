@@ -8,6 +8,8 @@ This file composes, validates, dispatches and reports; the method lives in the s
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import sys
 import traceback
@@ -73,6 +75,30 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict:
 FAILED_JOBS: set[str] = set()  # failed jobs of this command's sweep (the sweep goes on without them)
 
 
+class CheckOutputDir(Callback):
+    """Before Hydra creates the run (or sweep) directory: one line and exit status 1 if it cannot be
+    written, instead of Hydra's traceback (``hydra.callbacks``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _check_writable_dir(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _check_writable_dir(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def _check_writable_dir(folder: Path, key: str) -> None:
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor) or str(p) == ".")
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        print(f"error: cannot create the output folder {folder} ({key}): {problem}; set {key}=<folder> "
+              "(or $LMC_OUTPUT_DIR)", file=sys.stderr)
+        raise SystemExit(1)
+
+
 class ReportFailedJobs(Callback):
     """After a sweep, whatever its launcher: the jobs that wrote ``error.txt`` (``hydra.callbacks``)."""
 
@@ -91,7 +117,8 @@ def main(cfg: DictConfig) -> dict | None:
     except Exception as exc:
         user_fault = isinstance(exc, (ConfigError, StoreError, TrainingDiverged))
         message = f"error: {exc}" if user_fault else f"error: {type(exc).__name__}: {exc}"
-        atomic_write(run_dir / "error.txt", message + ("\n" if user_fault else "\n" + traceback.format_exc()))
+        with contextlib.suppress(StoreError):  # a full disk may refuse error.txt too; the message still goes out
+            atomic_write(run_dir / "error.txt", message + ("\n" if user_fault else "\n" + traceback.format_exc()))
         if not multirun and not user_fault:
             raise
         if not user_fault:

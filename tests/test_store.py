@@ -162,3 +162,31 @@ def test_spawn_run_from_the_command_line(tmp_path, data_root):
     assert (meta["a"]["seeds"]["data"], meta["b"]["seeds"]["data"]) == (0, 1)
     bad = lmc_run([*QUICK, "spawn.step=100000", f"store.root={tmp_path / 'store'}"], tmp_path, data_root)
     assert bad.returncode == 2 and "spawn.step must be an integer step in [0, 64]" in bad.stderr
+
+
+def test_kept_states_replay_a_stored_models_training_once(tmp_path):
+    from lmc.core.training import train
+    from lmc.stages.endpoints import kept_states
+
+    store, data, cfg = Store(tmp_path), store_data(), TrainConfig(epochs=3, batch_size=50, lr=0.01)
+    stored = trained_model(store, settings(epochs=3), build, data, cfg, progress=False)
+    assert not CheckpointDir(stored.path / "checkpoints").kept()  # trained without kept checkpoints
+    calls = []
+
+    def counting_fit(*args, **kwargs):
+        calls.append(1)
+        return train(*args, **kwargs)
+
+    states = kept_states(store, stored, settings(epochs=3), build, data, cfg, [1, "3ep"], fit=counting_fit)
+    assert sorted(states) == [4, 12] and len(calls) == 1  # 4 steps per epoch
+    assert all(torch.equal(states[12]["model"][k], v) for k, v in stored.model.state_dict().items())
+    again = kept_states(store, stored, settings(epochs=3), build, data, cfg, [1], fit=counting_fit)
+    assert len(calls) == 1 and torch.equal(again[4]["model"]["fc1.weight"], states[4]["model"]["fc1.weight"])
+    assert not (stored.path / "replay").exists()
+    # a stored model that replaying does not reproduce (trained elsewhere) is refused, not mixed
+    other = trained_model(Store(tmp_path / "o"), settings(epochs=3), build, data, cfg, progress=False)
+    with torch.no_grad():
+        other.model.fc1.weight.add_(1e-3)
+    with pytest.raises(StoreError, match="does not reproduce its weights"):
+        kept_states(Store(tmp_path / "o"), other, settings(epochs=3), build, data, cfg, [2])
+    assert not CheckpointDir(other.path / "checkpoints").kept()

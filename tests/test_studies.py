@@ -302,7 +302,7 @@ def test_coerce_and_parse_name_the_key_and_what_is_valid():
 
     assert parse(S, {"n": 3, "x": 2, "items": (1, 2)}, "s") == S(3, 2.0, "a", [1, 2], None)
     for values, message in (({"n": 0}, "s.n must be a positive integer, got 0"),
-                            ({"n": True}, "s.n must be an integer, got True"),
+                            ({"n": True}, "s.n must be a positive integer, got True"),
                             ({"x": "1"}, "s.x must be a number, got '1'"),
                             ({"kind": "c"}, "unknown s.kind 'c'; valid: a, b"),
                             ({"items": [1, "2"]}, "s.items[1] must be an integer, got '2'"),

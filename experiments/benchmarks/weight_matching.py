@@ -166,13 +166,14 @@ def _run_pair(run_dir: Path, data=None):
     the run's dataset, if already loaded."""
     from lmc.core.data import from_options
     from lmc.io import load_verified
+    from lmc.stages.settings import parse_model
 
     cfg = json.loads((run_dir / "results.json").read_text())["config"]
     data = from_options(cfg["data"]) if data is None else data
-    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+    architecture = parse_model(cfg["model"])
     models = []
     for name in ("model_a", "model_b"):
-        model = build_model(cfg["model"]["name"], data.input_shape, data.num_classes, **kwargs)
+        model = architecture.build(data.input_shape, data.num_classes)
         model.load_state_dict(load_verified(run_dir / "checkpoints" / f"{name}.pt")["model"])
         models.append(model.eval())
     return models, data.x_train[:2]

@@ -22,8 +22,8 @@ from lmc.errors import ConfigError
 from lmc.io import CheckpointDir
 from lmc.settings import NonNegativeFloat, PositiveFloat, PositiveInt
 
-__all__ = ["TrainConfig", "TrainingDiverged", "check_thread_safe", "concurrently", "evaluate", "seeded_init", "train",
-           "train_pair"]
+__all__ = ["Objective", "TrainConfig", "TrainingDiverged", "check_thread_safe", "concurrently", "evaluate",
+           "seeded_init", "train", "train_pair"]
 
 
 @dataclass
@@ -49,6 +49,8 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between training checkpoints (run store only; not part of the model hash)
     keep_checkpoints: list[int | str] = field(default_factory=list)  # epochs (3 or "3ep") or steps ("100st")
     # whose checkpoints are kept for later analyses
+    stop_loss: PositiveFloat | None = None  # stop after the first epoch whose mean training loss is below this
+    # (Entezari et al.'s --stopcond 0.01); `epochs` stays the horizon of the lr schedule
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):  # also when built in Python, without lmc.settings.parse
@@ -67,6 +69,8 @@ class TrainConfig:
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every > 0):
             raise ConfigError(f"train.checkpoint_every must be a positive integer (epochs), "
                               f"got {self.checkpoint_every}")
+        if self.stop_loss is not None and not self.stop_loss > 0:
+            raise ConfigError(f"train.stop_loss must be positive (or null: train all epochs), got {self.stop_loss}")
         self.keep_steps(1)  # validates keep_checkpoints
 
     def keep_steps(self, steps_per_epoch: int) -> set[int]:
@@ -84,6 +88,29 @@ class TrainConfig:
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Objective:
+    """What :func:`train` minimises at each step, with hooks at the start and end of every epoch. This one
+    is the model's own cross-entropy (plain training); a subclass replaces the loss (the star model of
+    :mod:`lmc.core.star`, a loss through interpolated weights) and may keep state of its own, which the
+    training checkpoints carry (``state_dict``/``load_state_dict``), so that a resumed run continues it."""
+
+    def loss(self, forward: Callable, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """The step's loss on the batch ``(x, y)``; ``forward`` is the model (or its compiled version)."""
+        return F.cross_entropy(forward(x), y, label_smoothing=label_smoothing)
+
+    def epoch_start(self, epoch: int) -> None:
+        """Before epoch ``epoch``'s first step (0-based); not called again when a run resumes mid-epoch."""
+
+    def epoch_end(self, epoch: int) -> None:
+        """After epoch ``epoch``'s last step, before its record and checkpoint."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
 
 
 def seeded_init(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -140,6 +167,7 @@ def train(
     checkpoints: CheckpointDir | None = None,
     stop_step: int | None = None,
     start: Mapping | None = None,
+    objective: Objective | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``data`` (tensors already on the model's device).
 
@@ -149,13 +177,20 @@ def train(
     is set, every batch is augmented on the device with draws from the augmentation generator. Returns one record
     per epoch (``epoch``, ``loss``: mean training loss, ``lr``).
 
+    With ``cfg.stop_loss``, training stops after the first epoch whose mean training loss (over the epoch's
+    batches, in train mode, as Entezari et al.'s trainer) is below it; that epoch's record has
+    ``stopped: True`` and ``len(history)`` is the number of epochs trained. The learning-rate schedule keeps
+    ``cfg.epochs`` as its horizon, so a run that stops early has not annealed its learning rate to the end.
+
     With ``checkpoints``, the full training state (model, optimiser, scheduler, generators, RNGs,
     step, history) is written every ``cfg.checkpoint_every`` epochs, at ``cfg.keep_checkpoints`` (kept)
     and at the last step; training resumes from the newest checkpoint found there, and ends bitwise
     identical (on the CPU) to an uninterrupted run. ``stop_step`` stops after that many optimiser
     steps (a spawn parent); ``start`` is such a parent's final state, from which this run continues
-    with its own data-order and augmentation seeds (a spawned child).
+    with its own data-order and augmentation seeds (a spawned child). ``objective`` replaces the loss
+    of a step (default: the model's cross-entropy, :class:`Objective`); its state is checkpointed too.
     """
+    objective = Objective() if objective is None else objective
     x, y = data.x_train, data.y_train
     n = len(y)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -184,6 +219,9 @@ def train(
             order_gen.set_state(state["order_gen"])
             aug_gen.set_state(state["aug_gen"])
             epoch_sum, epoch_seen = state["epoch_sum"], state["epoch_seen"]
+            objective.load_state_dict(state.get("objective", {}))
+    if resume and history and history[-1].get("stopped") and history[-1]["epoch"] * steps_per_epoch == step:
+        last_step = step  # this run had already stopped at its loss threshold
     start_epoch, start_i = divmod(step, steps_per_epoch)
     desc = progress if isinstance(progress, str) else "train"
     bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, disable=not progress or step >= last_step, leave=False)
@@ -199,7 +237,7 @@ def train(
                 # the order generator as it was before drawing the current epoch's order
                 "order_gen": order_gen.get_state() if at_epoch_end else epoch_start_gen,
                 "aug_gen": aug_gen.get_state(), "rng": _rng_state(x.device), "step": step, "history": history,
-                "epoch_sum": epoch_sum, "epoch_seen": epoch_seen,
+                "epoch_sum": epoch_sum, "epoch_seen": epoch_seen, "objective": objective.state_dict(),
             }, keep=step in keep_steps)
 
         def check_finite(loss_sum: float, epoch: int) -> None:
@@ -215,13 +253,16 @@ def train(
             epoch_start_gen = order_gen.get_state()
             order = torch.randperm(n, generator=order_gen).to(x.device)
             total = torch.zeros((), device=x.device)
-            for i in range(start_i if epoch == start_epoch else 0, steps_per_epoch):
+            first_i = start_i if epoch == start_epoch else 0
+            if first_i == 0:
+                objective.epoch_start(epoch)
+            for i in range(first_i, steps_per_epoch):
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 xb = x[idx] if augment is None else augment(x[idx], aug_gen)
                 if memory_format is not None:
                     xb = xb.contiguous(memory_format=memory_format)
                 with autocast():
-                    loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=cfg.label_smoothing)
+                    loss = objective.loss(forward, xb, y[idx], cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -239,7 +280,11 @@ def train(
             check_finite(mean_loss, epoch)
             if step % steps_per_epoch:
                 break  # stopped inside an epoch (spawn parent), checkpointed above
+            objective.epoch_end(epoch)
             history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": sched.get_last_lr()[0]})
+            if cfg.stop_loss is not None and mean_loss < cfg.stop_loss:
+                history[-1]["stopped"] = True
+                last_step = step
             epoch_sum, epoch_seen = 0.0, 0
             bar.set_postfix(loss=f"{mean_loss:.3f}")
             if checkpoints is not None and (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lmc.core.barriers import curve  # noqa: E402
+from lmc.io import atomic_write  # noqa: E402
 
 __all__ = ["plot_curves", "plot_layerwise", "plot_run", "plot_sweep"]
 
@@ -32,8 +34,10 @@ def _save(fig, axes, path: str | os.PathLike, title: str) -> Path:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
     plt.close(fig)
+    atomic_write(path, buf.getvalue())  # a failed write leaves the previous figure
     return path
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lmc.errors import CorruptFile
 from lmc.io import atomic_write
 
 __all__ = ["link_models", "read_results", "run_results", "summary_table", "write_results"]
@@ -57,7 +58,18 @@ def _jsonable(obj):
 
 
 def read_results(run_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(run_dir) / "results.json").read_text())
+    """``results.json`` of a run directory; a truncated or corrupted file raises
+    :class:`~lmc.errors.CorruptFile` naming it."""
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFile(f"{path} is truncated or corrupted ({type(exc).__name__}: {exc})") from None
+    if not isinstance(results, dict) or "experiment" not in results:
+        raise CorruptFile(f"{path} is not an lmc results file (no 'experiment' key)")
+    return results
 
 
 def _fmt(x: float) -> str:

@@ -17,9 +17,11 @@ Three ways studies get models, each a function over :func:`trained_model`:
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,13 +30,13 @@ from torch import nn
 
 from lmc.core.data import Dataset
 from lmc.core.training import TrainConfig, check_thread_safe, concurrently, seeded_init, train
-from lmc.errors import CorruptCheckpoint
+from lmc.errors import CorruptCheckpoint, StoreError
 from lmc.io import CheckpointDir, atomic_write, load_verified, save_atomic
 from lmc.stages.settings import DataSettings, ModelSettings
 from lmc.stages.store import Store
 
-__all__ = ["NOT_DATA_IDENTITY", "NOT_TRAIN_IDENTITY", "Recipe", "Seeds", "StoredModel", "model_settings",
-           "seed_models", "spawned_models", "trained_model"]
+__all__ = ["NOT_DATA_IDENTITY", "NOT_TRAIN_IDENTITY", "Recipe", "Seeds", "StoredModel", "kept_states",
+           "model_settings", "seed_models", "spawned_models", "trained_model"]
 
 NOT_DATA_IDENTITY = ("root", "download")  # where the data lives, not what it is
 NOT_TRAIN_IDENTITY = ("checkpoint_every", "keep_checkpoints", "concurrent_pair", "compile")  # not the weights
@@ -142,6 +144,50 @@ def _train(h, path, settings, build, data, train_cfg, progress, stop_step, start
     atomic_write(path / "meta.json", json.dumps(meta, indent=2, default=str) + "\n")
     checkpoints.drop_latest()  # model.pt holds it now; kept checkpoints stay
     return StoredModel(model, h, path, False, history, final)
+
+
+def kept_states(
+    store: Store,
+    stored: StoredModel,
+    settings: Mapping,
+    build: Callable[[], nn.Module],
+    data: Dataset,
+    train_cfg: TrainConfig,
+    keep: Sequence[int | str],
+    progress: bool | str = False,
+    stop_step: int | None = None,
+    start: Mapping | None = None,
+    fit: Callable[..., list[dict]] = train,
+) -> dict[int, dict]:
+    """The model's training states at the kept points ``keep`` (epochs ``3``/``"3ep"`` or steps ``"100st"``,
+    as ``train.keep_checkpoints``), by optimiser step: ``{step: state}`` (``state["model"]`` the weights).
+
+    Kept checkpoints are bookkeeping, not part of a model's identity, so a stored model may lack some.
+    Then its training is replayed from its seeds with those points kept, and the replay is accepted only
+    if it ends in exactly the stored weights (training is deterministic on one machine and thread count);
+    the kept checkpoints join the entry for every later call. Otherwise StoreError: the entry was trained
+    elsewhere and its history cannot be reproduced here.
+    """
+    steps_per_epoch = math.ceil(len(data.y_train) / train_cfg.batch_size)
+    cfg = replace(train_cfg, keep_checkpoints=list(keep))
+    wanted = cfg.keep_steps(steps_per_epoch)
+    checkpoints = CheckpointDir(stored.path / "checkpoints")
+    if not wanted <= set(checkpoints.kept()):
+        with store.lock(stored.path):
+            replay = CheckpointDir(stored.path / "replay")
+            model = seeded_init(build, settings["seeds"]["init"])
+            fit(model, data, cfg, data_seed=settings["seeds"]["data"], aug_seed=settings["seeds"]["aug"],
+                progress=progress, checkpoints=replay, stop_step=stop_step, start=start)
+            final = stored.model.state_dict()
+            if any(not torch.equal(v, final[k].to(v.device)) for k, v in model.state_dict().items()):
+                shutil.rmtree(replay.path, ignore_errors=True)
+                raise StoreError(f"stored model {stored.path} lacks the checkpoints {sorted(wanted)} and replaying its "
+                                 "training here does not reproduce its weights (trained on another machine or "
+                                 "thread count?); remove the entry to retrain it with train.keep_checkpoints")
+            checkpoints.adopt(replay, wanted)
+            shutil.rmtree(replay.path, ignore_errors=True)
+    kept = checkpoints.kept()
+    return {step: load_verified(*kept[step]) for step in sorted(wanted)}
 
 
 @dataclass(frozen=True)

@@ -311,9 +311,10 @@ class RunSettings:
 
     name: str  # experiment name: results.json "experiment", output folder, W&B run name
     study: dict  # study name (or _target_) and the study's own keys; parsed by the study (lmc.studies)
-    seeds: list[int]  # init seeds (and, by default, data-order and augmentation seeds) of the models
-    data_seeds: list[int] | None  # data-order seeds; null = seeds
-    aug_seeds: list[int] | None  # augmentation seeds; null = seeds
+    seeds: list  # init seeds (and, by default, data-order and augmentation seeds) of the models; checked by
+    # the study that uses them (check_seeds), as are the two below
+    data_seeds: list | None  # data-order seeds; null = seeds
+    aug_seeds: list | None  # augmentation seeds; null = seeds
     spawn: SpawnSettings
     store: StoreSettings
     device: str  # auto | cpu | cuda | cuda:N
@@ -374,10 +375,7 @@ def parse_run(config: Mapping[str, Any], explicit: Collection[str] = ()) -> RunS
     for section in _SECTIONS:
         if not isinstance(config.get(section), Mapping):
             raise ConfigError(f"{section} must be a config section (a mapping), got {show(config.get(section))}")
-    seeds = check_seeds(config.get("seeds"), count=1, at_least=True, name="seeds") if config.get("seeds") else []
-    for key in ("data_seeds", "aug_seeds"):
-        if config.get(key) is not None:
-            check_seeds(config[key], count=1, at_least=True, name=key, distinct=False)
+    seeds = config.get("seeds") or []  # how many, and how they are used, is the study's to check (check_seeds)
     device = config.get("device")
     if device not in DEVICES and not str(device).startswith("cuda:"):
         raise ConfigError(f"unknown device {show(device)}; valid: {', '.join(DEVICES)}")

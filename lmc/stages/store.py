@@ -104,18 +104,40 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, path: Path) -> Iterator[None]:
-        """One process at a time computes a given entry (trains a model); the others wait, then load it."""
+        """One process at a time computes a given entry (trains a model); the others wait, then load it.
+
+        The lock is an ``flock`` on ``.<hash>.lock`` beside the entry, which the kernel releases when its
+        holder dies, so a killed run never blocks a later one. The holder removes the file when it is
+        done (nothing is left behind); a waiter that then wakes holding the removed file's lock sees
+        that the path no longer names its file, and locks the path afresh."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}.lock", "w") as f:
+        lock_path = path.parent / f".{path.name}.lock"
+        waiting = False
+        while True:
+            f = open(lock_path, "a")
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"waiting for another process training {path} ...", flush=True)
-                fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not waiting:
+                        print(f"waiting for another process computing {path} ...", flush=True)
+                        waiting = True
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    current = os.stat(lock_path)
+                except FileNotFoundError:
+                    current = None
+                held = os.fstat(f.fileno())
+                if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+                    continue  # the holder before us removed it: lock the path's new file
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(OSError):
+                        lock_path.unlink()  # while still holding it: waiters on it will retry
+                return
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
 
     # ------------------------------------------------------------------------ analysis results
 

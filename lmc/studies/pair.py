@@ -55,10 +55,10 @@ class Pair:
         merging = run.align.merge != "none"
         seeds = check_seeds(run.seeds, at_least=merging)
         count = len(seeds)
-        data_seeds = run.data_seeds if run.data_seeds is not None else seeds
-        aug_seeds = run.aug_seeds if run.aug_seeds is not None else seeds
-        check_seeds(data_seeds, count, name="data_seeds", distinct=False)
-        check_seeds(aug_seeds, count, name="aug_seeds", distinct=False)
+        data_seeds = check_seeds(run.data_seeds, count, name="data_seeds", distinct=False) \
+            if run.data_seeds is not None else seeds
+        aug_seeds = check_seeds(run.aug_seeds, count, name="aug_seeds", distinct=False) \
+            if run.aug_seeds is not None else seeds
         if run.data.split != "none" and count != 2:
             raise ConfigError(f"data.split={run.data.split} trains exactly two models, got seeds={seeds}; "
                               "use data.split=none")
