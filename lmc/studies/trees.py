@@ -78,7 +78,7 @@ class Trees:
 
     def check(self, run: RunSettings, options: Any) -> None:
         seeds = run.seeds
-        if len(seeds) < 2 or len(seeds) % 2:
+        if not isinstance(seeds, list) or len(seeds) < 2 or len(seeds) % 2:
             raise ConfigError(f"study=trees pairs the seeds in order, so it needs an even number of them, e.g. "
                               f"seeds=[0,1,2,3]; got {seeds}")
         check_seeds(seeds, len(seeds))
@@ -323,7 +323,7 @@ def plot_table(rows: list[dict], path: str | Path) -> Path:
             if values:
                 ax.bar(xs, [v[0] for v in values], width, yerr=[v[1] for v in values], capsize=2, color=f"C{j}",
                        label=variant)
-        ax.set_xticks(range(len(group)), [r["model"] for r in group], fontsize=8)
+        ax.set_xticks(range(len(group)), [r["model"].replace(" ", "\n") for r in group], fontsize=8)
         ax.set_ylabel("test accuracy barrier (pp)")
         ax.set_title(name)
         ax.axhline(0, color="k", lw=0.5)
