@@ -52,14 +52,16 @@ from scipy.optimize import linear_sum_assignment
 
 from lmc.core.permutation.apply import Permutation, _expand, apply_permutation
 from lmc.core.permutation.spec import PermutationSpec
+from lmc.errors import ConfigError
 
-__all__ = ["weight_matching", "matching_objective", "cost_matrices"]
+__all__ = ["weight_matching", "matching_objective", "cost_matrices", "sequential_start", "WM_INITS"]
 
 
 def matching_objective(
     spec: PermutationSpec, perm: Permutation, params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor]
 ) -> float:
-    """``Σ_keys <W_A, π(W_B)>`` over the spec's keys present in both dicts (float64)."""
+    """``Σ_keys <W_A, π(W_B)>`` over the spec's permuted entries present in both dicts (float64)."""
+    params_a, params_b = spec.entries(params_a), spec.entries(params_b)
     keys = [k for k in params_a if k in params_b and any(g is not None for g in spec.axes_to_perm.get(k, ()))]
     permuted = apply_permutation(spec, perm, {k: params_b[k].detach() for k in keys})
     return float(sum(torch.vdot(params_a[k].detach().double().flatten(), permuted[k].double().flatten())
@@ -487,7 +489,55 @@ def cost_matrices(
     with the other groups permuted by ``perm`` (float64, on CPU)."""
     perm = {g: p.cpu().numpy() for g, p in perm.items()}
     return {g: torch.from_numpy(group.current_cost(perm).copy())
-            for g, group in _groups(spec, params_a, params_b, dtype).items()}
+            for g, group in _groups(spec, spec.entries(params_a), spec.entries(params_b), dtype).items()}
+
+
+WM_INITS = ("identity", "sequential")
+
+
+@torch.no_grad()
+def sequential_start(spec: PermutationSpec, params_a: dict, params_b: dict, dtype: torch.dtype = torch.float32
+                     ) -> Permutation:
+    """A starting permutation placed one group at a time, each by one linear assignment on only the terms whose
+    other axes are fixed or already placed: the next group placed is the first (in the spec's order, which is
+    the model's) with such a term of more than one axis (a weight, not only a bias or norm vector), or, if none
+    has one, the first left, on what it has. Terms through groups not yet placed, which would be noise at
+    this stage, are left out. On a permuted copy of a model, every group is placed exactly (its known terms
+    are Gram matrices, whose best assignment is the true one), where descent from the identity can settle
+    in a wrong local optimum."""
+    a, b = spec.entries(params_a), spec.entries(params_b)
+    perm: dict[str, torch.Tensor] = {}
+    pending = list(spec.perm_to_axes)
+
+    def known(g: str) -> list:
+        out = []
+        for ref in spec.perm_to_axes[g]:
+            if ref.key in a and ref.key in b:
+                others = [(axis, o) for axis, o in enumerate(spec.axes_to_perm[ref.key])
+                          if o is not None and axis != ref.axis]
+                if all(o in perm for _, o in others):
+                    out.append((ref, others))
+        return out
+
+    while pending:
+        g, refs = pending[0], None
+        for candidate in pending:
+            terms = known(candidate)
+            if any(a[ref.key].dim() > 1 for ref, _ in terms):
+                g, refs = candidate, terms
+                break
+        refs = known(g) if refs is None else refs
+        n = spec.sizes[g]
+        cost = np.zeros((n, n))
+        for ref, others in refs:
+            wa, wb = a[ref.key].detach(), b[ref.key].detach()
+            for axis, other in others:
+                wb = wb.index_select(axis, _units(perm[other].numpy(), spec.block(ref.key, axis), wb.device))
+            wa, wb = (w.to(dtype).movedim(ref.axis, 0).reshape(n, -1) for w in (wa, wb))
+            cost += _f64(wa @ wb.T)
+        perm[g] = torch.from_numpy(_assign(cost)[0].astype(np.int64))
+        pending.remove(g)
+    return perm
 
 
 @torch.no_grad()
@@ -500,6 +550,7 @@ def weight_matching(
     init_perm: Permutation | None = None,
     dtype: torch.dtype = torch.float32,
     warm_start: dict[str, np.ndarray] | None = None,
+    init: str = "identity",
 ) -> Permutation:
     """The permutation of B that best matches A's weights (Git Re-Basin's weight matching).
 
@@ -510,9 +561,16 @@ def weight_matching(
     the previous result (as the straight-through estimator does at every step). The column prices of
     each group's assignments are kept in it, and the next call starts from them. The optima are the
     same, and they are found sooner.
+    ``init`` is where the descent starts when ``init_perm`` is not given: ``identity`` (Git Re-Basin), or
+    ``sequential`` (:func:`sequential_start`).
     Returns ``{group: LongTensor}``; apply it to B with :func:`lmc.apply_permutation`.
     """
-    groups = _groups(spec, params_a, params_b, dtype)
+    if init not in WM_INITS:
+        raise ConfigError(f"unknown weight-matching init '{init}'; valid: {', '.join(WM_INITS)}")
+    a, b = spec.entries(params_a), spec.entries(params_b)
+    if init_perm is None and init == "sequential":
+        init_perm = sequential_start(spec, a, b, dtype)
+    groups = _groups(spec, a, b, dtype)
     perm = ({g: np.arange(n) for g, n in spec.sizes.items()} if init_perm is None
             else {g: p.cpu().numpy().astype(np.int64) for g, p in init_perm.items()})
     names = [g for g in spec.perm_to_axes if g in groups]
