@@ -14,9 +14,12 @@ from lmc.core.permutation import (
     matching_objective,
     permutation_spec,
     random_permutation,
+    sequential_start,
     weight_matching,
+    weight_matching_restarts,
 )
 from lmc.core.training import seeded_init
+from lmc.errors import ConfigError
 
 
 def mlp(width, depth=3, seed=0, in_features=40):
@@ -376,11 +379,79 @@ class ScaleByParameter(nn.Module):
         return self.out(self.fc(x) * self.scale)
 
 
+def test_attention_permutes_channels_within_heads():
+    model = seeded_init(AttentionOnFeatures, 0)
+    spec = assert_permutation_preserves_outputs(model, torch.randn(8, 3, 4))
+    # per head (2 of 4 channels): queries and keys share a group, values have their own, read by out_proj
+    qk, v = ["P_attn.qk[0:4]", "P_attn.qk[4:8]"], ["P_attn.v[0:4]", "P_attn.v[4:8]"]
+    assert {g: spec.sizes[g] for g in qk + v} == dict.fromkeys(qk + v, 4)
+    rows = [(spec.pieces[r.key].ranges[0], g) for g in qk + v for r in spec.perm_to_axes[g]
+            if r.key.startswith("attn.in_proj_weight")]
+    assert sorted(rows) == [((0, 4), qk[0]), ((4, 8), qk[1]), ((8, 12), qk[0]), ((12, 16), qk[1]),
+                            ((16, 20), v[0]), ((20, 24), v[1])]
+    assert {spec.axes_to_perm[name][1] for name, piece in spec.pieces.items() if piece.key == "attn.out_proj.weight"} \
+        == set(v)
+
+
+class LocalResponse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.lrn = nn.LocalResponseNorm(3)
+
+    def forward(self, x):
+        return self.lrn(self.conv(x)).mean((1, 2, 3))
+
+
 def test_unknown_layers_on_permuted_features_are_named():
-    with pytest.raises(UnsupportedOperationError, match=r"module 'attn' \(MultiheadAttention\) is not a layer"):
-        permutation_spec(AttentionOnFeatures(), torch.randn(2, 3, 4))
+    with pytest.raises(UnsupportedOperationError, match=r"module 'lrn' \(LocalResponseNorm\) is not a layer"):
+        permutation_spec(LocalResponse(), torch.randn(2, 3, 4, 4))
 
 
 def test_a_parameter_read_directly_follows_the_features_it_scales():
     spec = assert_permutation_preserves_outputs(seeded_init(ScaleByParameter, 0), torch.randn(8, 4))
     assert spec.axes_to_perm["scale"] == ("P_fc",)
+
+
+def test_restarts_keep_the_best_run_and_are_deterministic():
+    a, b = mlp(32, depth=3, seed=0), mlp(32, depth=3, seed=1)
+    spec = permutation_spec(a, torch.randn(2, 40))
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    runs = weight_matching_restarts(spec, pa, pb, restarts=6, seed=3)
+    plain = weight_matching(spec, pa, pb, seed=3)
+    # run 0 is the plain call, exactly; the others differ in their group order, and reach other optima
+    assert runs.seeds[0] == 3 and len(set(runs.seeds)) == 6
+    assert all(torch.equal(runs.perm[g], p) for g, p in weight_matching(spec, pa, pb, seed=3, restarts=6).items())
+    assert runs.objectives[0] == matching_objective(spec, plain, pa, pb)
+    assert len(set(runs.objectives)) > 1
+    assert runs.objective == max(runs.objectives) >= runs.objectives[0]
+    assert runs.kept == runs.objectives.index(max(runs.objectives))
+    assert matching_objective(spec, runs.perm, pa, pb) == runs.objective
+    again = weight_matching_restarts(spec, pa, pb, restarts=6, seed=3)
+    assert again.objectives == runs.objectives and all(torch.equal(again.perm[g], runs.perm[g]) for g in spec.groups)
+    with pytest.raises(ConfigError, match="align.restarts must be a positive integer, got 0"):
+        weight_matching_restarts(spec, pa, pb, restarts=0)
+    with pytest.raises(ConfigError, match="unknown align.init 'random'; valid: identity, sequential"):
+        weight_matching(spec, pa, pb, init="random")
+
+
+def test_sequential_start_recovers_a_permuted_copy_where_the_identity_start_does_not():
+    """SqueezeNet 1.1 at initialisation (biases zero, so nothing anchors a group but the weights around it):
+    the descent from the identity stops in a wrong optimum on an exact copy; the sequential start places
+    every group exactly before the descent begins."""
+    import torchvision
+
+    model = seeded_init(lambda: torchvision.models.squeezenet1_1(weights=None, num_classes=10), 0).eval()
+    spec = permutation_spec(model, torch.randn(2, 3, 32, 32))
+    pa = {k: v.detach() for k, v in model.named_parameters()}
+    perm = random_permutation(spec, 1)
+    pb = apply_permutation(spec, perm, pa)
+    inverse = invert_permutation(perm)
+    best = matching_objective(spec, inverse, pa, pb)
+    from_identity = weight_matching(spec, pa, pb, init="identity")
+    assert sum(torch.equal(from_identity[g], inverse[g]) for g in spec.groups) <= 2
+    assert matching_objective(spec, from_identity, pa, pb) < 0.5 * best
+    start = sequential_start(spec, pa, pb)
+    assert all(torch.equal(start[g], inverse[g]) for g in spec.groups)
+    found = weight_matching(spec, pa, pb, init="sequential")
+    assert all(torch.equal(found[g], inverse[g]) for g in spec.groups)

@@ -317,6 +317,18 @@ class TokenMix(Step):
         return self.fc(h.transpose(1, 2)).transpose(1, 2)
 
 
+class Attention(Step):
+    """Self-attention over the length axis, one or two heads."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(c, 2 if c % 2 == 0 else 1, batch_first=True)
+
+    def forward(self, h, hist):
+        t = h.transpose(1, 2)
+        return self.attn(t, t, t, need_weights=False)[0].transpose(1, 2)
+
+
 # ---- refusable: operations whose symmetry cannot be expressed, or that have no rule
 
 class ChannelShuffle(Step):
@@ -356,18 +368,6 @@ class Cumsum(Step):
         return h.cumsum(1)
 
 
-class Attention(Step):
-    refusable = True
-
-    def __init__(self, c):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(c, 1, batch_first=True)
-
-    def forward(self, h, hist):
-        t = h.transpose(1, 2)
-        return self.attn(t, t, t, need_weights=False)[0].transpose(1, 2)
-
-
 class Generated(nn.Module):
     def __init__(self, c_in: int, length: int, steps: list[Step], classes: int):
         super().__init__()
@@ -395,10 +395,10 @@ def models(draw, refusable: bool = True):
     steps, world = [], "conv"
     widths, lengths, worlds = [c], [length], [world]  # of each history entry (the input of each step)
     kinds_conv = ["conv", "conv", "gconv", "norm", "act", "residual", "se", "gated", "glu", "split", "slice",
-                  "branches", "cat", "pool", "sdepth", "scale", "chmax", "tokenmix"]
+                  "branches", "cat", "pool", "sdepth", "scale", "chmax", "tokenmix", "attention"]
     kinds_flat = ["linear", "linear", "fnorm", "act", "residual", "gated", "gate", "split", "slice", "branches",
                   "cat"]
-    refusals = ["shuffle", "unbind", "argmax", "sort", "cumsum", "attention"] if refusable else []
+    refusals = ["shuffle", "unbind", "argmax", "sort", "cumsum"] if refusable else []
     n_steps = draw(st.integers(1, 7))
     for _ in range(n_steps):
         if world == "conv":

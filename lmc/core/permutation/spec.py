@@ -706,17 +706,18 @@ class _Derivation:
 
     def call_module(self, node: fx.Node):
         mod, name = self.modules[node.target], node.target
-        x = self.value(node.args[0]) if node.args else self.value(node.kwargs.get("input"))
+        x_arg = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        x = self.value(x_arg)
         xf = self.permuted(x)
         where = self.where(node)
-        in_shape = self.shape(node.args[0]) if node.args else None
+        in_shape = self.shape(x_arg)
         if isinstance(mod, nn.Linear):
             keys = self.module_keys(name, ("weight", "bias"), node)
-            return self.linear(node, node.args[0], keys["weight"], keys["bias"], mod.out_features, name)
+            return self.linear(node, x_arg, keys["weight"], keys["bias"], mod.out_features, name)
         if isinstance(mod, nn.modules.conv._ConvNd):
             keys = self.module_keys(name, ("weight", "bias"), node)
             transposed = isinstance(mod, nn.modules.conv._ConvTransposeMixin)
-            return self.conv(node, node.args[0], keys["weight"], keys["bias"], mod.in_channels, mod.out_channels,
+            return self.conv(node, x_arg, keys["weight"], keys["bias"], mod.in_channels, mod.out_channels,
                              mod.groups, transposed, len(mod.kernel_size), name)
         if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or (
                 hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm)):
@@ -737,10 +738,12 @@ class _Derivation:
             return self.embedding(node, x, keys["weight"], mod.embedding_dim, name)
         if isinstance(mod, nn.GLU):
             return self.glu(node, x, mod.dim)
+        if isinstance(mod, nn.MultiheadAttention):
+            return self.attention(node, mod, name)
         if isinstance(mod, (*_ACTIVATION_MODULES, *_DROPOUT_MODULES)):
             if any(True for _ in mod.parameters(recurse=False)):  # pragma: no cover - none of these has any
                 raise self.refuse(node, "has parameters the derivation does not know")
-            return self.elementwise(node, [node.args[0]])
+            return self.elementwise(node, [x_arg])
         if isinstance(mod, (nn.Flatten, nn.Unflatten)):
             return self.reshape(node, x)
         if type(mod) in _POOL_MODULES:
@@ -889,6 +892,51 @@ class _Derivation:
         self.groups.unify(first, second, where)
         return _Feat(dim, first)
 
+    def attention(self, node: fx.Node, mod: nn.MultiheadAttention, name: str):
+        """nn.MultiheadAttention: within each head, the query and key channels may be permuted together (their
+        dot products stay), and the value channels together with the output projection's inputs; the inputs'
+        features are read by the projections' columns, and the output projection starts a new group. (Heads
+        could also be permuted as blocks; that symmetry is not used.) The attention weights returned are
+        unchanged."""
+        known = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k",
+                 "bias_v", "out_proj.weight", "out_proj.bias")
+        keys = self.module_keys(name, known, node)
+        args = [_arg(node, i, kw) for i, kw in enumerate(("query", "key", "value"))]
+        feats = [self.permuted(self.value(a)) for a in args]
+        shapes = [self.shape(a) for a in args]
+        for f, shape in zip(feats, shapes):
+            if f is not None and f.dim != len(shape) - 1:
+                raise self.refuse(node, f"reads features on axis {len(shape) - 1}, but they are on axis {f.dim}")
+        for extra in self.tensor_args(node)[3:]:
+            if self.permuted(self.value(extra)) is not None:
+                raise self.refuse(node, "takes a mask with permuted features")
+        where = self.where(node)
+        heads, width = mod.num_heads, mod.head_dim
+        qk = [self.groups.new(width, f"{name}.qk", h * width, mod.embed_dim) for h in range(heads)]
+        v = [self.groups.new(width, f"{name}.v", h * width, mod.embed_dim) for h in range(heads)]
+        qk_segs, v_segs = [(g, width, 1) for g in qk], [(g, width, 1) for g in v]
+        ins = [f.segs if f is not None else None for f in feats]
+        if keys["in_proj_weight"] is not None:  # one packed projection: q, k and v read the same columns
+            present = [segs for segs in ins if segs is not None]
+            for segs in present[1:]:
+                self.groups.unify(present[0], segs, where)
+            if present and len(present) < 3:
+                self.groups.fix(present[0])  # a fixed input shares the columns
+            self.claim_axes(keys["in_proj_weight"], {0: qk_segs + qk_segs + v_segs,
+                                                     1: present[0] if len(present) == 3 else None}, where)
+        else:
+            for key, rows, cols in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), (qk, qk, v), ins):
+                self.claim_axes(keys[key], {0: [(g, width, 1) for g in rows], 1: cols}, where)
+        self.claim_axes(keys["in_proj_bias"], {0: qk_segs + qk_segs + v_segs}, where)
+        self.claim_axes(keys["bias_k"], {2: qk_segs}, where)
+        self.claim_axes(keys["bias_v"], {2: v_segs}, where)
+        self.point(args[0], feats[0])
+        gout = self.groups.new(mod.embed_dim, f"{name}.out_proj")
+        out = [(gout, mod.embed_dim, 1)]
+        self.claim_axes(keys["out_proj.weight"], {0: out, 1: v_segs}, where)
+        self.claim_axes(keys["out_proj.bias"], {0: out}, where)
+        return (_Feat(len(self.shape(args[0])) - 1, out), None)
+
     def functional_layer(self, node, name: str):
         """``F.linear``, ``F.conv*d``, ``F.*_norm``, ``F.prelu``, ``F.embedding``: as their modules, with the
         parameters given as arguments (they must be the model's own entries, read directly)."""
@@ -967,8 +1015,9 @@ class _Derivation:
             unary = name in ("softmax", "log_softmax", "softmin", "normalize") or name in _CASTS
             out = self.elementwise(node, [x_arg] if unary else self.tensor_args(node))
             if (name.endswith("_") or name in _INPLACE_OPERATORS) and out is not None and self.permuted(x) is None \
-                    and not (isinstance(x, _Attr) and x.key in self.used) and len(x_arg.users) > 1:
-                raise self.refuse(node, "writes permuted features in place into a fixed tensor that is used elsewhere")
+                    and not (isinstance(x, _Attr) and x.key in self.used):
+                # the tensor written into (and any view of it, or tensor it views) would change its features
+                raise self.refuse(node, "writes permuted features in place into a fixed tensor")
             return out
         if name in _LAYERS:
             return self.functional_layer(node, name)
@@ -1087,8 +1136,8 @@ class _Derivation:
         if dims == []:  # an empty dim list reduces all axes in some functions, none in others: refuse it
             raise self.refuse(node, "reduces over an empty list of axes")
         if dims is None or x.dim in dims:
-            if returns in ("value", "values_values"):
-                return None
+            if returns in ("value", "values_values") or (dims is None and returns == "values_indices"):
+                return None  # (max, min, median without a dim: one value)
             taint = _Taint(f"positions along the permuted features found by {self.describe(node)}")
             return taint if returns == "indices" else (None, taint)
         out_meta = self.meta.get(node)
@@ -1106,6 +1155,8 @@ class _Derivation:
         dim = self.dims(node, index, "dim", default, len(in_shape))[0]
         if dim == x.dim:
             taint = _Taint(f"positions along the permuted features found by {self.describe(node)}")
+            if name == "topk" and not self.concrete(_arg(node, 4, "sorted", True)):
+                return (taint, taint)  # the values in an unspecified order, which may follow the input's
             return taint if name == "argsort" else (None, taint)
         return x if name == "argsort" else (x, x)
 

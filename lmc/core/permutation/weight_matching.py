@@ -54,7 +54,8 @@ from lmc.core.permutation.apply import Permutation, _expand, apply_permutation
 from lmc.core.permutation.spec import PermutationSpec
 from lmc.errors import ConfigError
 
-__all__ = ["weight_matching", "matching_objective", "cost_matrices", "sequential_start", "WM_INITS"]
+__all__ = ["MatchingRuns", "WM_INITS", "cost_matrices", "matching_objective", "restart_seeds", "sequential_start",
+           "weight_matching", "weight_matching_restarts"]
 
 
 def matching_objective(
@@ -551,22 +552,30 @@ def weight_matching(
     dtype: torch.dtype = torch.float32,
     warm_start: dict[str, np.ndarray] | None = None,
     init: str = "identity",
+    restarts: int = 1,
 ) -> Permutation:
     """The permutation of B that best matches A's weights (Git Re-Basin's weight matching).
 
     ``params_a``/``params_b`` map state-dict keys to tensors (typically the models' parameters; pass
     buffers too only if they should count in the objective). ``dtype`` is the matmul precision of the
     cost matrices (accumulated in float64; gains near their rounding are re-checked in float64).
+    ``seed`` draws the order in which each pass visits the groups; the local optimum reached depends on it.
+    ``init`` is where the descent starts when ``init_perm`` is not given: ``identity`` (Git Re-Basin), or
+    ``sequential`` (:func:`sequential_start`).
+    ``restarts`` > 1 runs the descent that many times, from the same start, with the group orders of
+    :func:`restart_seeds` (the first is ``seed``'s), and keeps the highest objective
+    (:func:`weight_matching_restarts` also returns every run's objective).
     ``warm_start``: a dict the caller keeps across calls on slowly changing weights, with ``init_perm``
     the previous result (as the straight-through estimator does at every step). The column prices of
     each group's assignments are kept in it, and the next call starts from them. The optima are the
     same, and they are found sooner.
-    ``init`` is where the descent starts when ``init_perm`` is not given: ``identity`` (Git Re-Basin), or
-    ``sequential`` (:func:`sequential_start`).
     Returns ``{group: LongTensor}``; apply it to B with :func:`lmc.apply_permutation`.
     """
+    if restarts != 1:
+        return weight_matching_restarts(spec, params_a, params_b, restarts, max_iter=max_iter, seed=seed,
+                                        init_perm=init_perm, dtype=dtype, init=init).perm
     if init not in WM_INITS:
-        raise ConfigError(f"unknown weight-matching init '{init}'; valid: {', '.join(WM_INITS)}")
+        raise ConfigError(f"unknown align.init '{init}'; valid: {', '.join(WM_INITS)}")
     a, b = spec.entries(params_a), spec.entries(params_b)
     if init_perm is None and init == "sequential":
         init_perm = sequential_start(spec, a, b, dtype)
@@ -610,3 +619,50 @@ def weight_matching(
         if not progress:
             break
     return {g: torch.from_numpy(p) for g, p in perm.items()}
+
+
+def restart_seeds(seed: int, restarts: int) -> list[int]:
+    """The group-order seeds of ``restarts`` runs: ``seed`` itself, then seeds derived from (seed, r)."""
+    return [seed] + [int(np.random.SeedSequence([seed, r]).generate_state(1)[0]) for r in range(1, restarts)]
+
+
+@dataclass
+class MatchingRuns:
+    """Weight matching run several times: the permutation kept, and what every run reached."""
+
+    perm: Permutation  # the run with the highest objective (the first of them on a tie)
+    objectives: list[float]  # every run's objective Σ <W_A, π(W_B)>, in order; run 0 is the plain call's
+    seeds: list[int]  # every run's group-order seed
+    kept: int  # the index of the run kept
+
+    @property
+    def objective(self) -> float:
+        return self.objectives[self.kept]
+
+
+@torch.no_grad()
+def weight_matching_restarts(
+    spec: PermutationSpec,
+    params_a: dict[str, torch.Tensor],
+    params_b: dict[str, torch.Tensor],
+    restarts: int = 1,
+    seed: int = 0,
+    init: str = "identity",
+    init_perm: Permutation | None = None,
+    **kwargs,
+) -> MatchingRuns:
+    """:func:`weight_matching` run ``restarts`` times from one start (``init_perm``, or ``init``'s), with the
+    group orders of :func:`restart_seeds` (run 0 is exactly ``weight_matching(..., seed=seed)``); keeps the
+    highest objective, so the result is never below run 0's, and is the same for the same ``seed``."""
+    if restarts < 1:
+        raise ConfigError(f"align.restarts must be a positive integer, got {restarts}")
+    if init not in WM_INITS:
+        raise ConfigError(f"unknown align.init '{init}'; valid: {', '.join(WM_INITS)}")
+    a, b = spec.entries(params_a), spec.entries(params_b)
+    if init_perm is None and init == "sequential":  # the same for every run: derived once
+        init_perm = sequential_start(spec, a, b, kwargs.get("dtype", torch.float32))
+    seeds = restart_seeds(seed, restarts)
+    perms = [weight_matching(spec, params_a, params_b, seed=s, init_perm=init_perm, **kwargs) for s in seeds]
+    objectives = [matching_objective(spec, p, params_a, params_b) for p in perms]
+    kept = int(np.argmax(objectives))
+    return MatchingRuns(perms[kept], objectives, seeds, kept)
