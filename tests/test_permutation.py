@@ -455,3 +455,59 @@ def test_sequential_start_recovers_a_permuted_copy_where_the_identity_start_does
     assert all(torch.equal(start[g], inverse[g]) for g in spec.groups)
     found = weight_matching(spec, pa, pb, init="sequential")
     assert all(torch.equal(found[g], inverse[g]) for g in spec.groups)
+
+
+class Mixed(nn.Module):
+    """Slices, a cat of them with another layer's features, a gated chunk and a grouped convolution (tanh: no
+    unit is zero on the data, so activations tell every unit apart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv1d(2, 8, 1), nn.Conv1d(2, 3, 1)
+        self.g = nn.Conv1d(11, 12, 3, padding=1)
+        self.grouped = nn.Conv1d(6, 6, 1, groups=2)
+        self.head = nn.Linear(6 * 5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.cat([h[:, 4:], torch.tanh(self.c(x)), h[:, :4]], 1)
+        u, v = self.g(h).chunk(2, 1)
+        return self.head(torch.tanh(self.grouped(torch.tanh(u) * torch.sigmoid(v))).flatten(1))
+
+
+def test_every_method_recovers_a_permutation_of_a_model_made_of_pieces():
+    from lmc.core.permutation import activation_matching, apply_soft_permutation, permutation_matrix
+
+    model = seeded_init(Mixed, 0).eval()
+    x = torch.randn(64, 2, 5)
+    spec = assert_permutation_preserves_outputs(model, x)
+    # the read slices: the cat (a's second half, c, a's first half), the grouped conv's groups, the flattened halves
+    assert spec.pieces and {p.offset for pts in spec.points.values() for p in pts} == {0, 3, 4, 7, 15}
+    permuted, perm = permuted_copy(model, spec, 3)
+    inverse = invert_permutation(perm)
+    found = activation_matching(spec, model, permuted, [x[:32], x[32:]])
+    assert all(torch.equal(found[g], inverse[g]) for g in spec.groups)
+    found = weight_matching(spec, dict(model.named_parameters()), dict(permuted.named_parameters()),
+                            init="sequential")
+    assert all(torch.equal(found[g], inverse[g]) for g in spec.groups)
+    # a hard permutation applied as matrices is the same as applied by index, pieces and all
+    sd = model.state_dict()
+    soft = apply_soft_permutation(spec, {g: permutation_matrix(p) for g, p in perm.items()}, sd)
+    hard = apply_permutation(spec, perm, sd)
+    assert all(torch.allclose(soft[k].float(), hard[k].float()) for k in sd)
+    # the entries of a key made of pieces are views of it, and permuting them permutes the key
+    entries = spec.entries(sd)
+    assert all(k not in entries for k in spec.split) and all(name in entries for name in spec.pieces)
+    assert "g.weight" in spec.permuted_keys and "head.bias" not in spec.permuted_keys
+
+
+def test_activation_matching_leaves_unread_groups_at_the_identity():
+    from lmc.core.permutation import activation_matching
+
+    model = seeded_init(SplitFirst, 0).eval()
+    x = torch.randn(32, 5)
+    spec = permutation_spec(model, x[:2])
+    permuted, perm = permuted_copy(model, spec, 1)
+    found = activation_matching(spec, model, permuted, [x])
+    assert torch.equal(found["P_fc[0:32]"], invert_permutation(perm)["P_fc[0:32]"])
+    assert torch.equal(found["P_fc[32:64]"], torch.arange(32)) and torch.equal(found["P_fc[64:96]"], torch.arange(32))

@@ -11,7 +11,14 @@ from lmc.core.permutation.apply import (
 from lmc.core.permutation.learned import sinkhorn_rebasin, ste
 from lmc.core.permutation.merge import align_to_reference, merge_many
 from lmc.core.permutation.soft import apply_soft_permutation, permutation_matrix, sinkhorn_normalize
-from lmc.core.permutation.spec import AxisRef, PermutationSpec, UnsupportedOperationError, permutation_spec
+from lmc.core.permutation.spec import (
+    AxisRef,
+    PermutationSpec,
+    Piece,
+    Point,
+    UnsupportedOperationError,
+    permutation_spec,
+)
 from lmc.core.permutation.weight_matching import (
     MatchingRuns,
     cost_matrices,
@@ -28,6 +35,8 @@ __all__ = [
     "MatchingRuns",
     "Permutation",
     "PermutationSpec",
+    "Piece",
+    "Point",
     "UnsupportedOperationError",
     "activation_matching",
     "align_to_reference",

@@ -5,7 +5,8 @@ Run both models on the same training batches, record the activations at every pe
 block input along a residual stream), and for each group match A's units to B's by one linear
 assignment on the correlation (or inner product) of their activations. Spatial positions and batch
 items are samples; the points of one residual stream are concatenated as more samples. Statistics are
-accumulated in float64.
+accumulated in float64. A group with no activation point (features no layer reads, such as the unread
+pieces of a ``split``) keeps the identity.
 """
 
 from __future__ import annotations
@@ -87,10 +88,6 @@ def activation_matching(
     """
     if similarity not in ACTIVATION_SIMILARITIES:
         raise ConfigError(f"unknown activation similarity '{similarity}'; valid: {', '.join(ACTIVATION_SIMILARITIES)}")
-    missing = [g for g in spec.sizes if not spec.points.get(g)]
-    if missing:
-        raise ValueError(f"activation matching: no activation point for groups {missing} "
-                         "(a group whose features no Linear/Conv layer reads)")
     wanted = {point.node for pts in spec.points.values() for point in pts}
     gms = [trace(m, training=False) for m in (model_a, model_b)]  # the graph whose node names the points use
     was = [model_a.training, model_b.training]
@@ -112,10 +109,13 @@ def activation_matching(
     finally:
         model_a.train(was[0])
         model_b.train(was[1])
-    if not stats:
+    if not stats and any(spec.points.values()):
         raise ValueError("activation matching needs at least one batch")
     perm = {}
-    for g in spec.sizes:
+    for g, n in spec.sizes.items():
+        if g not in stats:  # no layer reads the group's features (the unread part of a split): nothing to match
+            perm[g] = torch.arange(n)
+            continue
         _, col = linear_sum_assignment(stats[g].similarity(similarity).cpu().numpy(), maximize=True)
         perm[g] = torch.from_numpy(col).long()
     return perm

@@ -21,6 +21,8 @@ sub-groups when only part of its units travel together:
 * a grouped convolution acts within each of its groups: its input's layout is cut at the group
   boundaries and each group's output channels are a group of their own (a restricted but exact symmetry;
   a depthwise convolution keeps its input's groups, with blocks for a channel multiplier);
+* ``nn.MultiheadAttention`` permutes the query and key channels of each head together, and its value
+  channels with the output projection's inputs;
 * a model parameter read directly (``x * self.scale``, ``F.layer_norm(x, s, self.weight)``) follows the
   features it multiplies; read any other way, it and whatever it meets stay fixed;
 * the model's inputs and outputs are fixed (never permuted).
@@ -496,7 +498,7 @@ def _op_name(node: fx.Node) -> str | None:
     if target is getattr:
         return "getattr"
     module = getattr(target, "__module__", None) or ""
-    if module in ("_operator", "operator") or module.startswith(("torch", "torchvision")):
+    if module.split(".")[0] in ("_operator", "operator", "torch", "torchvision"):
         return getattr(target, "__name__", None)
     return None
 
@@ -680,7 +682,28 @@ class _Derivation:
         for v in self.inputs(node):  # a parameter read any other way stays fixed
             if isinstance(v, _Attr) and v.key not in self.used:
                 self.claim_fixed(v.key, self.where(node))
+        self.check(node, out, self.meta.get(node))
         return out
+
+    def check(self, node: fx.Node, value, meta) -> None:
+        """What a rule says of a node must fit what the node produced: a layout on an axis the tensor has,
+        covering exactly that axis's entries; a tuple for a tuple. (A safety net under every rule.)"""
+        if value is None:
+            return
+        if isinstance(value, tuple):
+            fits = isinstance(meta, _Seq) and len(meta.items) == len(value)
+            if fits:
+                for v, m in zip(value, meta.items):
+                    self.check(node, v, m)
+                return
+        elif isinstance(value, _Feat):
+            fits = isinstance(meta, _Tensor) and 0 <= value.dim < len(meta.shape) and _entries(
+                self.groups.leaves(value.segs)) == meta.shape[value.dim]
+        else:
+            fits = isinstance(meta, _Tensor)
+        if not fits:  # pragma: no cover - a rule's error, never a model's
+            raise self.refuse(node, f"got a layout ({value}) that does not fit its output ({meta}): a derivation "
+                              "error, please report it")
 
     def select(self, node: fx.Node):
         container, index = self.value(node.args[0]), self.concrete(node.args[1])
@@ -1011,7 +1034,7 @@ class _Derivation:
             return self.unknown(node, "changes the shape of a tensor in place")
         if not isinstance(out_meta, (_Tensor, _Seq)):
             return self.unknown(node, "turns permuted features into a value that is not a tensor")
-        if name in _ELEMENTWISE or name in _CASTS:
+        if (name in _ELEMENTWISE or name in _CASTS) and isinstance(out_meta, _Tensor):
             unary = name in ("softmax", "log_softmax", "softmin", "normalize") or name in _CASTS
             out = self.elementwise(node, [x_arg] if unary else self.tensor_args(node))
             if (name.endswith("_") or name in _INPLACE_OPERATORS) and out is not None and self.permuted(x) is None \
