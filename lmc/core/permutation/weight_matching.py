@@ -573,7 +573,7 @@ def weight_matching(
     """
     if restarts != 1:
         return weight_matching_restarts(spec, params_a, params_b, restarts, max_iter=max_iter, seed=seed,
-                                        init_perm=init_perm, dtype=dtype, init=init).perm
+                                        init_perm=init_perm, dtype=dtype, warm_start=warm_start, init=init).perm
     if init not in WM_INITS:
         raise ConfigError(f"unknown align.init '{init}'; valid: {', '.join(WM_INITS)}")
     a, b = spec.entries(params_a), spec.entries(params_b)
