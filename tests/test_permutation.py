@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -511,3 +512,27 @@ def test_activation_matching_leaves_unread_groups_at_the_identity():
     found = activation_matching(spec, model, permuted, [x])
     assert torch.equal(found["P_fc[0:32]"], invert_permutation(perm)["P_fc[0:32]"])
     assert torch.equal(found["P_fc[32:64]"], torch.arange(32)) and torch.equal(found["P_fc[64:96]"], torch.arange(32))
+
+
+def test_wm_restarts_benchmark_reports_every_seed_and_strategy():
+    """``experiments/benchmarks/wm_restarts.py``: per strategy, every seed's objective, their summary and cost;
+    three restarts from a start never end below the single run from it with the same seed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "wm_restarts.py"
+    proc = subprocess.run([sys.executable, str(script), "--only", "x1 (random)", "--seeds", "3", "--strategies",
+                           "identity,sequential,sequential x3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("== ResNet-20 x1 (random): 12 groups")
+    per_seed = {}
+    for strategy, line, seeds in zip(lines[1::2], lines[1::2], lines[2::2]):
+        name = strategy.split(" objective")[0].strip()
+        assert re.search(r"objective [\d.]+ ± [\d.e-]+ \([\d.]+–[\d.]+\); [\d.e-]+ s per seed [\d.]+x identity", line)
+        per_seed[name] = [float(v) for v in seeds.split("per seed:")[1].split()]
+    assert set(per_seed) == {"identity", "sequential", "sequential x3"} and all(len(v) == 3 for v in per_seed.values())
+    assert all(three >= one for three, one in zip(per_seed["sequential x3"], per_seed["sequential"]))
+    bad = subprocess.run([sys.executable, str(script), "--strategies", "magic"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--strategies ['magic']" in bad.stderr

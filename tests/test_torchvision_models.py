@@ -127,3 +127,18 @@ def test_a_small_vision_transformer_is_aligned():
     found = weight_matching(spec, BENCH.parameters(model), BENCH.parameters(permuted), init="sequential")
     back = apply_permutation(spec, found, permuted.state_dict())
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_benchmark_script_prints_the_markdown_table():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "torchvision_specs.py"
+    proc = subprocess.run([sys.executable, str(script), "--only", "squeezenet1_"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| squeezenet1_")]
+    assert len(table) == 2 and all("| aligned |" in row and row.endswith("| yes |") for row in table)
+    assert "2 of 2 aligned; 0 refused." in proc.stdout
+    bad = subprocess.run([sys.executable, str(script), "--only", "nothing"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "matches no model" in bad.stderr
