@@ -536,3 +536,23 @@ def test_wm_restarts_benchmark_reports_every_seed_and_strategy():
     assert all(three >= one for three, one in zip(per_seed["sequential x3"], per_seed["sequential"]))
     bad = subprocess.run([sys.executable, str(script), "--strategies", "magic"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--strategies ['magic']" in bad.stderr
+
+
+class Tied(nn.Module):
+    """Two layers sharing one weight tensor (the state dict holds it under both keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.c.weight = self.b.weight
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+def test_tied_weights_are_permuted_alike():
+    spec = assert_permutation_preserves_outputs(seeded_init(Tied, 0), torch.randn(8, 4))
+    # b reads a's features and c reads b's through the same weight: a, b and c carry one group
+    assert spec.axes_to_perm["b.weight"] == spec.axes_to_perm["c.weight"] == ("P_a", "P_a")
+    assert spec.sizes == {"P_a": 6}

@@ -525,7 +525,11 @@ class _Derivation:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        entries = model.state_dict(keep_vars=True)
+        self.shapes = {k: tuple(v.shape) for k, v in entries.items()}
+        # keys of one tensor (tied weights): claims on any of them are claims on the first
+        first: dict[int, str] = {}
+        self.alias = {k: first.setdefault(id(v), k) for k, v in entries.items()}
         self.groups = _Groups()
         self.claims: dict[str, list[_Box]] = {}
         self.layers: dict[str, list[str]] = {}
@@ -581,6 +585,7 @@ class _Derivation:
     def claim(self, key: str, boxes: list[_Box], where: str) -> None:
         """Record how ``key``'s axes are laid out; a second claim (a shared weight, the other trace) must agree
         and is made one with the first. A claim of all-fixed axes fixes whatever the other claimed."""
+        key = self.alias[key]
         shape = self.shapes[key]
         for box in boxes:
             for axis, segs in enumerate(box.axes):
@@ -1525,7 +1530,7 @@ def _build_spec(model: nn.Module, derivation: _Derivation) -> PermutationSpec:
     axes_to_perm: dict[str, tuple[str | None, ...]] = {}
     pieces: dict[str, Piece] = {}
     for key, shape in derivation.shapes.items():
-        boxes = derivation.claims.get(key)
+        boxes = derivation.claims.get(derivation.alias[key])
         if boxes is None:
             axes_to_perm[key] = (None,) * len(shape)
             continue
