@@ -241,6 +241,40 @@ class ChannelMax(Step):
         return h * h.amax(1, keepdim=True).sigmoid()
 
 
+class ChannelPad(Step):
+    """Constant channels padded on both sides of the features."""
+
+    def out_channels(self, c):
+        return c + 3
+
+    def forward(self, h, hist):
+        return F.pad(h, (0, 0, 1, 2), value=0.5)
+
+
+class Repeat(Step):
+    """The features twice: (N, C, L) → (N, 2C, L) by repeat, or by stacking two tensors and merging axes."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def out_channels(self, c):
+        return 2 * c
+
+    def forward(self, h, hist):
+        if self.kind == "repeat":
+            return h.repeat(1, 2, 1)
+        return torch.stack([h, torch.tanh(h)], 1).flatten(1, 2)
+
+
+class Reorder(Step):
+    """Order-dependent operations along the length axis, a select and a where, none on the features."""
+
+    def forward(self, h, hist):
+        h = torch.where(h > 0, h, 0.1 * h).flip(2).narrow(2, 0, h.shape[2])
+        return h + h.select(2, 0)[:, :, None].expand_as(h) + h.roll(1, 2).index_select(2, torch.arange(h.shape[2]))
+
+
 class ToFlat(Step):
     """conv → flat: flatten, reshape, mean, max(dim=2).values, amax, topk values along the length."""
 
@@ -395,7 +429,8 @@ def models(draw, refusable: bool = True):
     steps, world = [], "conv"
     widths, lengths, worlds = [c], [length], [world]  # of each history entry (the input of each step)
     kinds_conv = ["conv", "conv", "gconv", "norm", "act", "residual", "se", "gated", "glu", "split", "slice",
-                  "branches", "cat", "pool", "sdepth", "scale", "chmax", "tokenmix", "attention"]
+                  "branches", "cat", "pool", "sdepth", "scale", "chmax", "tokenmix", "attention", "pad", "repeat",
+                  "reorder"]
     kinds_flat = ["linear", "linear", "fnorm", "act", "residual", "gated", "gate", "split", "slice", "branches",
                   "cat"]
     refusals = ["shuffle", "unbind", "argmax", "sort", "cumsum"] if refusable else []
@@ -469,6 +504,12 @@ def models(draw, refusable: bool = True):
             step = Cumsum()
         elif kind == "attention":
             step = Attention(c)
+        elif kind == "pad":
+            step = ChannelPad()
+        elif kind == "repeat":
+            step = Repeat(draw(st.sampled_from(["repeat", "stack"])))
+        elif kind == "reorder":
+            step = Reorder()
         if step is None:
             continue
         step.world = world
