@@ -109,11 +109,11 @@ def setup(build, shape, seed=0, n=64):
 def alive_units(model, spec, x):
     """Per group, which of A's units are non-zero somewhere on ``x`` at one of the group's points."""
     gm = torch.fx.symbolic_trace(model)
-    rec = _Recorder(gm, {name for pts in spec.points.values() for name, _, _ in pts})
+    rec = _Recorder(gm, {p.node for pts in spec.points.values() for p in pts})
     with torch.no_grad():
         rec.run(x)
-    return {g: torch.stack([_samples(rec.values[name], dim, block).abs().amax(0) > 0
-                            for name, dim, block in pts]).any(0) for g, pts in spec.points.items()}
+    return {g: torch.stack([_samples(rec.values[p.node], p.dim, p.block, p.offset, spec.sizes[g]).abs().amax(0) > 0
+                            for p in pts]).any(0) for g, pts in spec.points.items()}
 
 
 def as_model(model, sd):

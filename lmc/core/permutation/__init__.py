@@ -12,16 +12,33 @@ from lmc.core.permutation.declared import DeclaredSymmetry, declares_symmetry
 from lmc.core.permutation.learned import sinkhorn_rebasin, ste
 from lmc.core.permutation.merge import align_to_reference, merge_many
 from lmc.core.permutation.soft import apply_soft_permutation, permutation_matrix, sinkhorn_normalize
-from lmc.core.permutation.spec import AxisRef, PermutationSpec, UnsupportedOperationError, permutation_spec
-from lmc.core.permutation.weight_matching import cost_matrices, matching_objective, weight_matching
+from lmc.core.permutation.spec import (
+    AxisRef,
+    PermutationSpec,
+    Piece,
+    Point,
+    UnsupportedOperationError,
+    permutation_spec,
+)
+from lmc.core.permutation.weight_matching import (
+    MatchingRuns,
+    cost_matrices,
+    matching_objective,
+    sequential_start,
+    weight_matching,
+    weight_matching_restarts,
+)
 
 sinkhorn = sinkhorn_rebasin
 
 __all__ = [
     "AxisRef",
     "DeclaredSymmetry",
+    "MatchingRuns",
     "Permutation",
     "PermutationSpec",
+    "Piece",
+    "Point",
     "UnsupportedOperationError",
     "activation_matching",
     "align_to_reference",
@@ -36,9 +53,11 @@ __all__ = [
     "permutation_matrix",
     "permutation_spec",
     "random_permutation",
+    "sequential_start",
     "sinkhorn",
     "sinkhorn_normalize",
     "sinkhorn_rebasin",
     "ste",
     "weight_matching",
+    "weight_matching_restarts",
 ]

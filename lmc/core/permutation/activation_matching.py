@@ -5,7 +5,8 @@ Run both models on the same training batches, record the activations at every pe
 block input along a residual stream), and for each group match A's units to B's by one linear
 assignment on the correlation (or inner product) of their activations. Spatial positions and batch
 items are samples; the points of one residual stream are concatenated as more samples. Statistics are
-accumulated in float64.
+accumulated in float64. A group with no activation point (features no layer reads, such as the unread
+pieces of a ``split``) keeps the identity.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import fx, nn
 
 from lmc.core.permutation.apply import Permutation
-from lmc.core.permutation.spec import PermutationSpec
+from lmc.core.permutation.spec import PermutationSpec, trace
 from lmc.errors import ConfigError
 
 __all__ = ["activation_matching", "ACTIVATION_SIMILARITIES"]
@@ -38,9 +39,12 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _samples(x: torch.Tensor, dim: int, block: int) -> torch.Tensor:
-    """(samples, n) view of an activation with ``n`` features on ``dim`` (in blocks of ``block``)."""
+def _samples(x: torch.Tensor, dim: int, block: int, offset: int = 0, n: int | None = None) -> torch.Tensor:
+    """(samples, n) view of an activation's ``n`` features (in blocks of ``block``) from entry ``offset`` of
+    axis ``dim`` (all of it if ``n`` is None)."""
     x = x.movedim(dim, -1)
+    if n is not None:
+        x = x[..., offset:offset + n * block]
     n = x.shape[-1] // block
     x = x.reshape(*x.shape[:-1], n, block).movedim(-1, -2)
     return x.reshape(-1, n)
@@ -84,12 +88,8 @@ def activation_matching(
     """
     if similarity not in ACTIVATION_SIMILARITIES:
         raise ConfigError(f"unknown activation similarity '{similarity}'; valid: {', '.join(ACTIVATION_SIMILARITIES)}")
-    missing = [g for g in spec.sizes if not spec.points.get(g)]
-    if missing:
-        raise ValueError(f"activation matching: no activation point for groups {missing} "
-                         "(a group whose features no Linear/Conv layer reads)")
-    where = {name: (g, dim, block) for g, pts in spec.points.items() for name, dim, block in pts}
-    gms = [fx.symbolic_trace(m) for m in (model_a, model_b)]
+    wanted = {point.node for pts in spec.points.values() for point in pts}
+    gms = [trace(m, training=False) for m in (model_a, model_b)]  # the graph whose node names the points use
     was = [model_a.training, model_b.training]
     stats: dict[str, _Stats] = {}
     try:
@@ -97,20 +97,25 @@ def activation_matching(
             gm.eval()
         with torch.no_grad():
             for x in batches:
-                recs = [_Recorder(gm, set(where)) for gm in gms]
+                recs = [_Recorder(gm, wanted) for gm in gms]
                 for rec in recs:
                     rec.run(x)
-                for name, (g, dim, block) in where.items():
-                    a = _samples(recs[0].values[name], dim, block)
-                    b = _samples(recs[1].values[name], dim, block)
-                    stats.setdefault(g, _Stats(spec.sizes[g], a.device)).add(a, b)
+                for g, pts in spec.points.items():
+                    n = spec.sizes[g]
+                    for p in pts:
+                        a = _samples(recs[0].values[p.node], p.dim, p.block, p.offset, n)
+                        b = _samples(recs[1].values[p.node], p.dim, p.block, p.offset, n)
+                        stats.setdefault(g, _Stats(n, a.device)).add(a, b)
     finally:
         model_a.train(was[0])
         model_b.train(was[1])
-    if not stats:
+    if not stats and any(spec.points.values()):
         raise ValueError("activation matching needs at least one batch")
     perm = {}
-    for g in spec.sizes:
+    for g, n in spec.sizes.items():
+        if g not in stats:  # no layer reads the group's features (the unread part of a split): nothing to match
+            perm[g] = torch.arange(n)
+            continue
         _, col = linear_sum_assignment(stats[g].similarity(similarity).cpu().numpy(), maximize=True)
         perm[g] = torch.from_numpy(col).long()
     return perm

@@ -7,6 +7,8 @@ Git Re-Basin's convention: the permuted model's unit ``i`` is the original model
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from lmc.core.permutation.spec import PermutationSpec
@@ -20,6 +22,7 @@ __all__ = [
     "invert_permutation",
     "random_permutation",
     "permute_axis",
+    "map_pieces",
 ]
 
 
@@ -57,17 +60,34 @@ def apply_permutation(
 ) -> dict[str, torch.Tensor]:
     """A new state dict with every permuted axis of ``state_dict`` permuted by ``perm``.
 
-    Entries of ``state_dict`` the spec does not know are copied unchanged. ``except_axis=(key, axis)``
-    leaves that one axis alone (used by weight matching).
+    Entries of ``state_dict`` the spec does not know are copied unchanged; ``state_dict`` may hold the spec's
+    entries (:meth:`PermutationSpec.entries`) or whole keys (a key made of pieces is permuted piece by piece).
+    ``except_axis=(entry, axis)`` leaves that one axis alone.
     """
     missing = set(spec.sizes) - set(perm)
     if missing:
         raise ValueError(f"permutation lacks groups {sorted(missing)}; expected {sorted(spec.sizes)}")
-    out = {}
-    for key, w in state_dict.items():
-        for axis, group in enumerate(spec.axes_to_perm.get(key, ())):
-            if group is None or (key, axis) == except_axis:
-                continue
-            w = permute_axis(w, axis, perm[group], spec.block(key, axis))
-        out[key] = w
+
+    def permuted(entry: str, w: torch.Tensor) -> torch.Tensor:
+        for axis, group in enumerate(spec.axes_to_perm.get(entry, ())):
+            if group is not None and (entry, axis) != except_axis:
+                w = permute_axis(w, axis, perm[group], spec.block(entry, axis))
+        return w
+
+    out = OrderedDict((key, map_pieces(spec, key, w, permuted)) for key, w in state_dict.items())
+    if hasattr(state_dict, "_metadata"):  # module versions, which some modules' loading reads
+        out._metadata = state_dict._metadata
+    return out
+
+
+def map_pieces(spec: PermutationSpec, key: str, w: torch.Tensor, fn) -> torch.Tensor:
+    """``fn(entry, tensor)`` applied to every entry of ``key``: to the whole tensor, or, for a key made of
+    pieces, to each piece's sub-tensor, put back in a copy (differentiably)."""
+    names = spec.split.get(key)
+    if names is None:
+        return fn(key, w)
+    out = w.clone()
+    for name in names:
+        index = spec.pieces[name].index()
+        out[index] = fn(name, w[index])
     return out

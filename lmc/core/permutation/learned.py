@@ -151,7 +151,7 @@ def sinkhorn_rebasin(
             logits[g][torch.arange(len(p)), p] += init_scale
     logits = {g: v.to(device).requires_grad_(True) for g, v in logits.items()}
     opt = torch.optim.Adam(logits.values(), lr=lr)
-    permuted_keys = [k for k in sd_a if any(spec.axes_to_perm.get(k, ()))]
+    permuted_keys = [k for k in sd_a if k in spec.permuted_keys]
     floats_b = {k: v for k, v in sd_b.items() if v.is_floating_point()}
     buffers = {k for k, _ in model.named_buffers()}
 

@@ -43,8 +43,8 @@ def align_to_reference(
 
 def _weights(spec: PermutationSpec, sd: StateDict) -> StateDict:
     """Entries weight matching uses: floating-point entries the spec permutes, except running statistics."""
-    return {k: v for k, v in sd.items() if v.is_floating_point() and any(spec.axes_to_perm.get(k, ()))
-            and "running_" not in k}
+    permuted = spec.permuted_keys
+    return {k: v for k, v in sd.items() if v.is_floating_point() and k in permuted and "running_" not in k}
 
 
 def merge_many(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lmc.core.permutation.apply import map_pieces
 from lmc.core.permutation.spec import PermutationSpec
 
 __all__ = ["apply_soft_permutation", "permutation_matrix", "sinkhorn_normalize"]
@@ -32,13 +33,13 @@ def apply_soft_permutation(
     spec: PermutationSpec, mats: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """``state_dict`` with every permuted axis multiplied by its group's matrix (differentiable)."""
-    out = {}
-    for key, w in state_dict.items():
-        for axis, group in enumerate(spec.axes_to_perm.get(key, ())):
+    def mapped(entry: str, w: torch.Tensor) -> torch.Tensor:
+        for axis, group in enumerate(spec.axes_to_perm.get(entry, ())):
             if group is not None and group in mats:
-                w = _apply_axis(w, axis, mats[group], spec.block(key, axis))
-        out[key] = w
-    return out
+                w = _apply_axis(w, axis, mats[group], spec.block(entry, axis))
+        return w
+
+    return {key: map_pieces(spec, key, w, mapped) for key, w in state_dict.items()}
 
 
 def sinkhorn_normalize(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:

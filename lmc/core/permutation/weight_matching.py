@@ -52,14 +52,17 @@ from scipy.optimize import linear_sum_assignment
 
 from lmc.core.permutation.apply import Permutation, _expand, apply_permutation
 from lmc.core.permutation.spec import PermutationSpec
+from lmc.errors import ConfigError
 
-__all__ = ["weight_matching", "matching_objective", "cost_matrices"]
+__all__ = ["MatchingRuns", "WM_INITS", "cost_matrices", "matching_objective", "restart_seeds", "sequential_start",
+           "weight_matching", "weight_matching_restarts"]
 
 
 def matching_objective(
     spec: PermutationSpec, perm: Permutation, params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor]
 ) -> float:
-    """``Σ_keys <W_A, π(W_B)>`` over the spec's keys present in both dicts (float64)."""
+    """``Σ_keys <W_A, π(W_B)>`` over the spec's permuted entries present in both dicts (float64)."""
+    params_a, params_b = spec.entries(params_a), spec.entries(params_b)
     keys = [k for k in params_a if k in params_b and any(g is not None for g in spec.axes_to_perm.get(k, ()))]
     permuted = apply_permutation(spec, perm, {k: params_b[k].detach() for k in keys})
     return float(sum(torch.vdot(params_a[k].detach().double().flatten(), permuted[k].double().flatten())
@@ -487,7 +490,55 @@ def cost_matrices(
     with the other groups permuted by ``perm`` (float64, on CPU)."""
     perm = {g: p.cpu().numpy() for g, p in perm.items()}
     return {g: torch.from_numpy(group.current_cost(perm).copy())
-            for g, group in _groups(spec, params_a, params_b, dtype).items()}
+            for g, group in _groups(spec, spec.entries(params_a), spec.entries(params_b), dtype).items()}
+
+
+WM_INITS = ("identity", "sequential")
+
+
+@torch.no_grad()
+def sequential_start(spec: PermutationSpec, params_a: dict, params_b: dict, dtype: torch.dtype = torch.float32
+                     ) -> Permutation:
+    """A starting permutation placed one group at a time, each by one linear assignment on only the terms whose
+    other axes are fixed or already placed: the next group placed is the first (in the spec's order, which is
+    the model's) with such a term of more than one axis (a weight, not only a bias or norm vector), or, if none
+    has one, the first left, on what it has. Terms through groups not yet placed, which would be noise at
+    this stage, are left out. On a permuted copy of a model, every group is placed exactly (its known terms
+    are Gram matrices, whose best assignment is the true one), where descent from the identity can settle
+    in a wrong local optimum."""
+    a, b = spec.entries(params_a), spec.entries(params_b)
+    perm: dict[str, torch.Tensor] = {}
+    pending = list(spec.perm_to_axes)
+
+    def known(g: str) -> list:
+        out = []
+        for ref in spec.perm_to_axes[g]:
+            if ref.key in a and ref.key in b:
+                others = [(axis, o) for axis, o in enumerate(spec.axes_to_perm[ref.key])
+                          if o is not None and axis != ref.axis]
+                if all(o in perm for _, o in others):
+                    out.append((ref, others))
+        return out
+
+    while pending:
+        g, refs = pending[0], None
+        for candidate in pending:
+            terms = known(candidate)
+            if any(a[ref.key].dim() > 1 for ref, _ in terms):
+                g, refs = candidate, terms
+                break
+        refs = known(g) if refs is None else refs
+        n = spec.sizes[g]
+        cost = np.zeros((n, n))
+        for ref, others in refs:
+            wa, wb = a[ref.key].detach(), b[ref.key].detach()
+            for axis, other in others:
+                wb = wb.index_select(axis, _units(perm[other].numpy(), spec.block(ref.key, axis), wb.device))
+            wa, wb = (w.to(dtype).movedim(ref.axis, 0).reshape(n, -1) for w in (wa, wb))
+            cost += _f64(wa @ wb.T)
+        perm[g] = torch.from_numpy(_assign(cost)[0].astype(np.int64))
+        pending.remove(g)
+    return perm
 
 
 @torch.no_grad()
@@ -500,19 +551,35 @@ def weight_matching(
     init_perm: Permutation | None = None,
     dtype: torch.dtype = torch.float32,
     warm_start: dict[str, np.ndarray] | None = None,
+    init: str = "identity",
+    restarts: int = 1,
 ) -> Permutation:
     """The permutation of B that best matches A's weights (Git Re-Basin's weight matching).
 
     ``params_a``/``params_b`` map state-dict keys to tensors (typically the models' parameters; pass
     buffers too only if they should count in the objective). ``dtype`` is the matmul precision of the
     cost matrices (accumulated in float64; gains near their rounding are re-checked in float64).
+    ``seed`` draws the order in which each pass visits the groups; the local optimum reached depends on it.
+    ``init`` is where the descent starts when ``init_perm`` is not given: ``identity`` (Git Re-Basin), or
+    ``sequential`` (:func:`sequential_start`).
+    ``restarts`` > 1 runs the descent that many times, from the same start, with the group orders of
+    :func:`restart_seeds` (the first is ``seed``'s), and keeps the highest objective
+    (:func:`weight_matching_restarts` also returns every run's objective).
     ``warm_start``: a dict the caller keeps across calls on slowly changing weights, with ``init_perm``
     the previous result (as the straight-through estimator does at every step). The column prices of
     each group's assignments are kept in it, and the next call starts from them. The optima are the
     same, and they are found sooner.
     Returns ``{group: LongTensor}``; apply it to B with :func:`lmc.apply_permutation`.
     """
-    groups = _groups(spec, params_a, params_b, dtype)
+    if restarts != 1:
+        return weight_matching_restarts(spec, params_a, params_b, restarts, max_iter=max_iter, seed=seed,
+                                        init_perm=init_perm, dtype=dtype, warm_start=warm_start, init=init).perm
+    if init not in WM_INITS:
+        raise ConfigError(f"unknown align.init '{init}'; valid: {', '.join(WM_INITS)}")
+    a, b = spec.entries(params_a), spec.entries(params_b)
+    if init_perm is None and init == "sequential":
+        init_perm = sequential_start(spec, a, b, dtype)
+    groups = _groups(spec, a, b, dtype)
     perm = ({g: np.arange(n) for g, n in spec.sizes.items()} if init_perm is None
             else {g: p.cpu().numpy().astype(np.int64) for g, p in init_perm.items()})
     names = [g for g in spec.perm_to_axes if g in groups]
@@ -552,3 +619,50 @@ def weight_matching(
         if not progress:
             break
     return {g: torch.from_numpy(p) for g, p in perm.items()}
+
+
+def restart_seeds(seed: int, restarts: int) -> list[int]:
+    """The group-order seeds of ``restarts`` runs: ``seed`` itself, then seeds derived from (seed, r)."""
+    return [seed] + [int(np.random.SeedSequence([seed, r]).generate_state(1)[0]) for r in range(1, restarts)]
+
+
+@dataclass
+class MatchingRuns:
+    """Weight matching run several times: the permutation kept, and what every run reached."""
+
+    perm: Permutation  # the run with the highest objective (the first of them on a tie)
+    objectives: list[float]  # every run's objective Σ <W_A, π(W_B)>, in order; run 0 is the plain call's
+    seeds: list[int]  # every run's group-order seed
+    kept: int  # the index of the run kept
+
+    @property
+    def objective(self) -> float:
+        return self.objectives[self.kept]
+
+
+@torch.no_grad()
+def weight_matching_restarts(
+    spec: PermutationSpec,
+    params_a: dict[str, torch.Tensor],
+    params_b: dict[str, torch.Tensor],
+    restarts: int = 1,
+    seed: int = 0,
+    init: str = "identity",
+    init_perm: Permutation | None = None,
+    **kwargs,
+) -> MatchingRuns:
+    """:func:`weight_matching` run ``restarts`` times from one start (``init_perm``, or ``init``'s), with the
+    group orders of :func:`restart_seeds` (run 0 is exactly ``weight_matching(..., seed=seed)``); keeps the
+    highest objective, so the result is never below run 0's, and is the same for the same ``seed``."""
+    if restarts < 1:
+        raise ConfigError(f"align.restarts must be a positive integer, got {restarts}")
+    if init not in WM_INITS:
+        raise ConfigError(f"unknown align.init '{init}'; valid: {', '.join(WM_INITS)}")
+    a, b = spec.entries(params_a), spec.entries(params_b)
+    if init_perm is None and init == "sequential":  # the same for every run: derived once
+        init_perm = sequential_start(spec, a, b, kwargs.get("dtype", torch.float32))
+    seeds = restart_seeds(seed, restarts)
+    perms = [weight_matching(spec, params_a, params_b, seed=s, init_perm=init_perm, **kwargs) for s in seeds]
+    objectives = [matching_objective(spec, p, params_a, params_b) for p in perms]
+    kept = int(np.argmax(objectives))
+    return MatchingRuns(perms[kept], objectives, seeds, kept)
