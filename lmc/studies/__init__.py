@@ -34,6 +34,7 @@ __all__ = ["STUDIES", "Context", "Study", "StudyResult", "Timings", "load_study"
 
 STUDIES = {  # study=<name> -> import path of its class (imported when chosen)
     "pair": "lmc.studies.pair.Pair",
+    "star": "lmc.studies.star.Star",
 }
 
 
