@@ -106,7 +106,7 @@ def test_wandb_offline_run_lands_in_run_directory(tmp_path, data_root):
          "unknown align.method 'magic'; valid: activation_matching, none, sinkhorn, ste, weight_matching"),
         ("data.name=imagenet",
          "unknown data.name 'imagenet'; valid: cifar10, cifar100, fashion_mnist, mnist, mnist1d, svhn"),
-        ("model.name=transformer", "unknown model.name 'transformer'; valid: cnn1d, mlp, resnet20, vgg"),
+        ("model.name=transformer", "unknown model.name 'transformer'; valid: cnn1d, mlp, resnet18, resnet20, vgg"),
         ("seeds=[1,1]", "seeds must be 2 distinct integers"),
         ("seeds=[1,2,3]", "seeds must be 2 distinct integers"),
         ("seeds=[1,2,3] align.merge=everything",

@@ -302,9 +302,12 @@ class Star:
         counts = {role: sum(m["role"] == role for m in results["models"].values())
                   for role in ("anchor", "held_out", "star")}
         config = results["config"]
-        model = config["model"]
-        title = (f"{results['experiment']}: {model.get('name')} on {config['data'].get('name')}, "
-                 f"{counts['anchor']} anchors, {counts['held_out']} held-out, {counts['star']} star")
+        model, study = config["model"], config["study"]
+        options = " ".join(f"{k}={v}" for k, v in model.items() if k not in ("name", "_target_"))
+        star = (f"star: {study.get('epochs') or config['train']['epochs']} epochs, t {study.get('t_sampling')}, "
+                f"anchors re-aligned: {study.get('permute_anchors')}")
+        title = (f"{results['experiment']}: {model.get('name')} {options} on {config['data'].get('name')}, "
+                 f"{counts['anchor']} anchors, {counts['held_out']} held-out, {counts['star']} star\n{star}")
         return [plot_pair_type_curves(rows, run_dir / "curves.png", title),
                 plot_pair_type_barriers(results["pairs"], run_dir / "barriers.png", title)]
 
