@@ -4,9 +4,11 @@ before Hydra sees them, and the composed config turned into typed settings (:mod
 Defaults are written once, in code: each zoo model's options are its class's signature, each alignment
 method's its dataclass fields, the training recipe's :class:`~lmc.core.training.TrainConfig`, the
 interpolation's :class:`~lmc.stages.settings.InterpSettings`. :func:`register_configs` turns them into
-config nodes (``model=<name>``, ``align=<name>``, ``interp=default``, and the ``_defaults`` every
-``train=``/``data=``/``logger=``/``study=`` file starts from), so ``--cfg job`` and every override see
-them, while ``conf/`` keeps only named choices: datasets' constants, recipes, experiments, studies, sweeps.
+config nodes (``model=<name>``, ``align=<name>``, ``interp=default``, the ``_defaults`` every
+``train=``/``data=``/``logger=``/``study=`` file starts from, and ``data/_<name>``, a built-in dataset's
+reader options with their defaults for ``conf/data/<name>.yaml`` to start from), so ``--cfg job`` and
+every override see them, while ``conf/`` keeps only named choices: datasets' constants, recipes,
+experiments, studies, sweeps.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lmc.core.alignment import ALIGN_METHODS
-from lmc.core.data import NOT_LOADER_OPTIONS
+from lmc.core.data import DATASETS, LOCATION, NOT_LOADER_OPTIONS
 from lmc.core.models import MODELS
 from lmc.core.training import TrainConfig
 from lmc.errors import ConfigError
@@ -46,6 +48,9 @@ def register_configs() -> None:
     data_defaults = {f.name: f.default for f in fields(DataSettings)
                      if f.name in NOT_LOADER_OPTIONS and f.name != "name"}
     cs.store(group="data", name="_defaults", node={"_target_": None, **data_defaults})
+    for name, (reader, _) in DATASETS.items():  # data/_<name>: lmc's data keys and the reader's own options
+        options = {k: v for k, v in signature_defaults(reader).items() if k not in LOCATION}
+        cs.store(group="data", name=f"_{name}", node={"_target_": None, **data_defaults, **options})
     cs.store(group="logger", name="_defaults", node={k: v for k, v in asdict(LoggerSettings()).items() if k != "name"})
     cs.store(group="study", name="_defaults", node={"_target_": None})
     if not OmegaConf.has_resolver("lmc_help"):

@@ -26,14 +26,16 @@ def one_line_error(proc, code, message):
 
 
 EXPERIMENTS = ("mlp_fashion_mnist, mlp_mnist, mlp_mnist1d, resnet_cifar, resnet_cifar_split, star_mnist1d, "
-               "star_resnet18_cifar, star_vgg11_cifar, vgg_cifar")
-DATASETS = "cifar10, cifar100, fashion_mnist, mnist, mnist1d, svhn"
+               "star_resnet18_cifar, star_vgg11_cifar, trees, vgg_cifar")
+DATASETS = ("breast_cancer, cifar10, cifar100, digits, fashion_mnist, mnist, mnist1d, mnist1d_tabular, openml, svhn, "
+            "table, tensors")
 
 
 @pytest.mark.parametrize("args,message", [
     (["experiment=foo"], "error: unknown experiment 'foo'; valid: " + EXPERIMENTS),
     (["-m", "experiment=mlp_mnist1d,foo"], "error: unknown experiment 'foo'; valid: " + EXPERIMENTS),
-    (["model=transformer"], "error: unknown model 'transformer'; valid: cnn1d, mlp, resnet18, resnet20, vgg"),
+    (["model=transformer"],
+     "error: unknown model 'transformer'; valid: cnn1d, mlp, resnet18, resnet20, soft_trees, vgg"),
     (["data=imagenet"], "error: unknown data 'imagenet'; valid: " + DATASETS),
     (["align=magic"], "error: unknown align 'magic'; valid: activation_matching, none, sinkhorn, ste, weight_matching"),
     (["seeds=[0,0.5]"], "error: seeds must be 2 distinct integers, e.g. seeds=[0,1]; got [0, 0.5]"),

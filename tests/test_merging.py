@@ -479,6 +479,7 @@ def test_shifted_mnist1d_bad_settings():
 
 
 # --- benchmark smoke test ------------------------------------------------------------------------------
+@pytest.mark.slow  # 18-64 s on a loaded 2-core machine (two models, every method, one interpreter start)
 def test_merging_benchmark_runs(data_root):
     script = ROOT / "experiments" / "benchmarks" / "merging.py"
     proc = subprocess.run([sys.executable, str(script), "--quick", "--data-root", str(data_root)],

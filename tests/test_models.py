@@ -38,7 +38,9 @@ def trained_ish(name, shape, kw, seed=0):
 
 
 def test_zoo_is_registered():
-    assert {"mlp", "vgg", "resnet20", "cnn1d"} <= set(MODELS)
+    assert {"mlp", "vgg", "resnet20", "cnn1d", "soft_trees"} <= set(MODELS)
+    # the tree ensemble's symmetry is declared, not traced (tests/test_trees.py checks it)
+    assert MODELS["soft_trees"]((8,), 3, trees=4).symmetry().invariances == ("perm", "flip")
 
 
 @pytest.mark.parametrize("name,shape,kw", CASES)

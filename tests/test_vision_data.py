@@ -43,7 +43,7 @@ def test_missing_dataset_is_one_clear_line(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "cifar-10-batches-py") in msg and "python -m lmc.data download cifar10" in msg
     assert "\n" not in msg
-    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'; valid: cifar10, cifar100"):
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'; valid: breast_cancer, cifar10, cifar100"):
         load_dataset("imagenet", tmp_path)
 
 

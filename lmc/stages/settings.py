@@ -29,7 +29,16 @@ import torch
 from torch import nn
 
 from lmc.core.alignment import ALIGN_METHODS, MERGE_MODES, AlignmentMethod, WeightMatching, check_merge
-from lmc.core.data import DATASETS, LOCATION, NOT_LOADER_OPTIONS, Augmentation, Dataset, load_dataset, reader_options
+from lmc.core.data import (
+    DATASETS,
+    LOCATION,
+    NOT_LOADER_OPTIONS,
+    REQUIRED,
+    Augmentation,
+    Dataset,
+    load_dataset,
+    reader_options,
+)
 from lmc.core.models import MODELS
 from lmc.core.normalization import check_reset_bn
 from lmc.core.training import TrainConfig
@@ -114,9 +123,9 @@ def parse_data(values: Mapping[str, Any]) -> DataSettings:
         if not isinstance(name, str) or name not in DATASETS:
             raise ConfigError(f"unknown data.name {show(name)}; valid: {', '.join(sorted(DATASETS))}; "
                               "or data._target_=<your loader's import path>")
-        if name == "tensors" and options.get("path") is None:
-            raise ConfigError("data=tensors needs data.path=<file.npz or file.pt> holding "
-                              "x_train, y_train, x_test, y_test")
+        for key, what in REQUIRED.get(name, {}).items():
+            if options.get(key) is None:
+                raise ConfigError(f"data={name} needs data.{key}={what}")
         loader, what, source = DATASETS[name][0], f"dataset '{name}'", ""
     else:
         loader = locate(target, "data._target_")

@@ -26,12 +26,12 @@ from lmc.core.data import split_pair
 from lmc.core.diagnostics import alignment_diagnostics
 from lmc.core.interpolation import alpha_grid, pairwise_barriers
 from lmc.core.normalization import resolve_reset_bn
-from lmc.core.permutation import apply_permutation, permutation_spec
+from lmc.core.permutation import apply_permutation
 from lmc.core.training import evaluate
 from lmc.errors import ConfigError
 from lmc.report.plotting import plot_run
 from lmc.report.results import summary_table
-from lmc.stages.alignment import aligned_pair, aligned_to_first
+from lmc.stages.alignment import aligned_pair, aligned_to_first, apply_alignment, check_method, symmetry_of
 from lmc.stages.curves import interpolation_curves, stored_curves
 from lmc.stages.endpoints import Recipe, Seeds, seed_models, spawned_models
 from lmc.stages.settings import RunSettings, check_seeds
@@ -51,6 +51,7 @@ class Pair:
         align and interp."""
 
     def check(self, run: RunSettings, options: Any) -> None:
+        check_method(run.align, run.model)
         merging = run.align.merge != "none"
         seeds = check_seeds(run.seeds, at_least=merging)
         count = len(seeds)
@@ -93,7 +94,7 @@ class Pair:
         reused = {tag: m.reused for tag, m in zip([*tags, "parent"], stored)}
 
         with timings("align"):
-            spec = permutation_spec(model_a, data.x_train[:2])
+            spec = symmetry_of(model_a, data.x_train[:2])  # traced, or declared by the model (tree ensembles)
             sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
             candidates = {"naive": (sd_b, None)}
             diagnostics, pairwise = {}, {}
@@ -111,7 +112,7 @@ class Pair:
                 perm, diagnostic, perm_hash = result.perm, result.diagnostics, result.hash
                 hashes["align"], reused["align"] = result.hash, result.reused
             if method != "none":
-                candidates[method] = (apply_permutation(spec, perm, sd_b), perm_hash)
+                candidates[method] = (apply_alignment(spec, perm, sd_b), perm_hash)
                 diagnostics[method] = diagnostic
 
         with timings("interpolate"):

@@ -10,6 +10,10 @@ Fetch a dataset once before a sweep, so parallel jobs never race to download it:
 
     python -m lmc.data download cifar10 [--root DIR]
 
+Tabular classification data (:mod:`lmc.core.data.tabular`): ``digits``, ``breast_cancer`` and
+``mnist1d_tabular`` (embedded), ``openml`` (an OpenML table fetched once, ``data.id``) and ``table`` (a
+CSV/Parquet file, ``data.path``, ``data.target``), split and quantile-transformed by their readers.
+
 Besides the built-in datasets: your own tensors in a file (``tensors``: ``.npz`` or ``.pt`` holding
 ``x_train, y_train, x_test, y_test``), or your own loader named by its import path (a class or
 function returning those four arrays). Every loaded dataset carries a fingerprint, the sha256 of the
@@ -31,11 +35,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from lmc.core.data.tabular import read_embedded, read_openml_dataset, read_table_file
 from lmc.errors import ConfigError
 from lmc.settings import locate, parse_options
 
-__all__ = ["ARRAYS", "DATASETS", "SPLITS", "Augmentation", "Dataset", "default_data_root", "download", "fingerprint",
-           "from_options", "load_arrays", "load_dataset", "reader_options", "split_pair", "tensors"]
+__all__ = ["ARRAYS", "DATASETS", "REQUIRED", "SPLITS", "Augmentation", "Dataset", "default_data_root", "download",
+           "fingerprint", "from_options", "load_arrays", "load_dataset", "reader_options", "split_pair", "tensors"]
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")  # what every dataset provides
 
@@ -211,6 +216,17 @@ DATASETS: dict[str, tuple[Callable, int | None]] = {
     "cifar100": (_torchvision("CIFAR100", "cifar-100-python"), 100),
     "svhn": (_torchvision("SVHN", "svhn", svhn=True), 10),
     "tensors": (tensors, None),
+    "digits": (read_embedded("digits"), 10),
+    "breast_cancer": (read_embedded("breast_cancer"), 2),
+    "mnist1d_tabular": (read_embedded("mnist1d_tabular"), 10),
+    "openml": (read_openml_dataset, None),
+    "table": (read_table_file, None),
+}
+# what a built-in dataset needs set (data.<key>=...) before it can be read
+REQUIRED: dict[str, dict[str, str]] = {
+    "tensors": {"path": "<file.npz or file.pt> holding x_train, y_train, x_test, y_test"},
+    "openml": {"id": "<OpenML dataset id> (fetched once by `python -m lmc.data download openml:<id>`)"},
+    "table": {"path": "<a CSV or Parquet file>", "target": "<its label column>"},
 }
 
 
@@ -412,12 +428,17 @@ def split_pair(data: Dataset, how: str = "none", fraction: float = 0.2, seed: in
 
 
 def download(name: str, root: str | os.PathLike | None = None) -> Path:
-    """Fetch dataset ``name`` into ``root`` (MNIST-1D is generated and cached instead); the command
-    line is ``python -m lmc.data download NAME`` (:mod:`lmc.data`)."""
+    """Fetch dataset ``name`` into ``root`` (MNIST-1D is generated and cached instead; the embedded tables
+    are read once, which caches what they are made from); the command line is ``python -m lmc.data download
+    NAME`` (:mod:`lmc.data`), where OpenML tables are ``openml:<id>``."""
     check_name(name)
-    if name == "tensors":
-        raise ConfigError("dataset 'tensors' is read from your own file (data.path); there is nothing to download")
+    if name in ("tensors", "table"):
+        raise ConfigError(f"dataset '{name}' is read from your own file (data.path); there is nothing to download")
+    if name == "openml":
+        raise ConfigError("dataset 'openml' is one table per id: download it by `python -m lmc.data download "
+                          "openml:<id>` (openml:grinsztajn: the 16 of Grinsztajn et al.'s benchmark)")
     root = Path(root) if root else default_data_root()
     root.mkdir(parents=True, exist_ok=True)
-    DATASETS[name][0](root, download=True)
+    reader = DATASETS[name][0]
+    reader(root, download=True) if "download" in inspect.signature(reader).parameters else reader(root)
     return root

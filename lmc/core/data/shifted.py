@@ -17,19 +17,24 @@ examples (the templates, labels and sequence length stay), all of them as test e
 ``make_dataset`` standardises every set it generates by the set's own global mean and standard
 deviation, so a change that only rescales or offsets the whole set is normalised away; changes of the
 noise levels, of the per-example scale spread, of the translation range or of the shear are not.
+
+:data:`SHIFTED_TEST_SETS` maps a dataset's name to its shifted-test-set generator (MNIST-1D's is
+:func:`mnist1d_shifted`); a study asks :func:`shifted_test_set` for the one of the dataset it runs on, and
+a user registers one for their own dataset by adding an entry. :class:`RandomShift` is a training
+augmentation for sequences: a random cyclic translation, the transformation MNIST-1D's generator applies.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
 from lmc.errors import ConfigError
 
-__all__ = ["DEFAULT_SHIFT", "SHIFT_KEYS", "mnist1d_shifted"]
+__all__ = ["DEFAULT_SHIFT", "SHIFTED_TEST_SETS", "SHIFT_KEYS", "RandomShift", "mnist1d_shifted", "shifted_test_set"]
 
 # settings of make_dataset a shift may change (the rest fix the data's shape, labels and split)
 SHIFT_KEYS = ("template_len", "padding", "scale_coeff", "max_translation", "corr_noise_scale", "iid_noise_scale",
@@ -100,3 +105,47 @@ def mnist1d_shifted(
     x = torch.as_tensor(data["x_test"], dtype=torch.float32).to(device)
     y = torch.as_tensor(data["y_test"], dtype=torch.long).to(device)
     return x, y
+
+
+# dataset name -> generator of its shifted test set: fn(shift: Mapping, num_samples, seed, device) -> (x, y)
+SHIFTED_TEST_SETS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"mnist1d": mnist1d_shifted}
+
+
+def shifted_test_set(
+    dataset: str,
+    shift: Mapping,
+    num_samples: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shifted test set of ``dataset`` (a name of :data:`SHIFTED_TEST_SETS`), drawn with the generator
+    settings ``shift``; a ConfigError naming the datasets that have one otherwise."""
+    if dataset not in SHIFTED_TEST_SETS:
+        raise ConfigError(f"dataset {dataset!r} has no shifted test set; datasets with one: "
+                          f"{', '.join(sorted(SHIFTED_TEST_SETS))}")
+    return SHIFTED_TEST_SETS[dataset](dict(shift), num_samples=num_samples, seed=seed, device=device)
+
+
+class RandomShift:
+    """Training augmentation for sequences ``(N, L)`` or ``(N, C, L)``: every example rolled cyclically along
+    its last axis by an integer drawn uniformly from ``[-max_shift, max_shift]`` (MNIST-1D's generator
+    translates its signals cyclically, so the shifted examples stay in the data's family). Called as
+    :class:`lmc.core.data.Augmentation` is, with the training loop's augmentation generator."""
+
+    def __init__(self, max_shift: int):
+        if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
+            raise ConfigError(f"random shift must be a non-negative integer, got {max_shift!r}")
+        self.max_shift = max_shift
+
+    def __repr__(self) -> str:
+        return f"RandomShift({self.max_shift})"
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if x.dim() not in (2, 3):
+            raise ConfigError(f"random shift needs sequence batches (N, L) or (N, C, L), got shape {tuple(x.shape)}")
+        n, length = x.shape[0], x.shape[-1]
+        shifts = torch.randint(-self.max_shift, self.max_shift + 1, (n,), device=x.device, generator=generator)
+        index = (torch.arange(length, device=x.device)[None, :] - shifts[:, None]) % length  # out[i] = x[i - s]
+        if x.dim() == 3:
+            index = index[:, None, :].expand(-1, x.shape[1], -1)
+        return x.gather(-1, index)

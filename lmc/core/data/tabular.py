@@ -1,4 +1,4 @@
-"""Tabular classification data: OpenML datasets fetched once, the user's CSV/Parquet tables, and two
+"""Tabular classification data: OpenML datasets fetched once, the user's CSV/Parquet tables, and
 embedded tables; a seeded train/test split and the quantile transform, fitted on the training split.
 
 Sources, each giving a :class:`Table` (numeric features, integer class codes):
@@ -12,27 +12,32 @@ Sources, each giving a :class:`Table` (numeric features, integer class codes):
 * **embedded** (:func:`embedded_table`): ``digits`` and ``breast_cancer``, which ship inside
   scikit-learn (no download), and ``mnist1d_tabular``, MNIST-1D's 40 features as a table.
 
-:func:`tabular_dataset` turns a table into a :class:`lmc.core.data.Dataset`: a seeded split (the
-paper's 10,000 training and 10,000 test rows where the table has them, the same proportions of a
-smaller one), then each feature mapped to a standard normal distribution by scikit-learn's
-``QuantileTransformer`` fitted on the training rows only (Grinsztajn et al.'s preprocessing).
+:func:`tabular_arrays` turns a table into a dataset's four arrays: a seeded split (the paper's 10,000
+training and 10,000 test rows where the table has them, the same proportions of a smaller one), then
+each feature mapped to a standard normal distribution by scikit-learn's ``QuantileTransformer`` fitted
+on the training rows only (Grinsztajn et al.'s preprocessing). The readers :func:`read_embedded`,
+:func:`read_openml_dataset` and :func:`read_table_file` are the built-in datasets ``data=digits``,
+``breast_cancer``, ``mnist1d_tabular``, ``openml`` (``data.id``) and ``table`` (``data.path``,
+``data.target``) of :data:`lmc.core.data.DATASETS`; their keyword options are ``data.<key>``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from lmc.core.data import Dataset, default_data_root
 from lmc.errors import ConfigError
+from lmc.settings import NonNegativeInt, PositiveInt
+
+# lmc.core.data imports this module to register its readers: what it needs from there is imported late
 
 __all__ = ["EMBEDDED_TABLES", "GRINSZTAJN_CLASSIFICATION", "Table", "download_openml", "embedded_table",
-           "load_table", "load_tabular", "openml_ids", "openml_path", "quantile_transform", "read_openml",
-           "split_indices", "tabular_dataset"]
+           "load_table", "openml_ids", "openml_path", "quantile_transform", "read_embedded", "read_openml",
+           "read_openml_dataset", "read_table_file", "split_indices", "tabular_arrays"]
 
 # The 16 classification datasets with numerical features of Grinsztajn, Oyallon & Varoquaux, "Why do
 # tree-based models still outperform deep learning on tabular data?" (NeurIPS 2022 Datasets and
@@ -116,6 +121,8 @@ def _from_frame(frame, target, what: str) -> Table:
 # --- OpenML -----------------------------------------------------------------------------------------
 
 def openml_path(dataset_id: int, root: str | os.PathLike | None = None) -> Path:
+    from lmc.core.data import default_data_root
+
     return Path(root if root is not None else default_data_root()) / "openml" / f"{int(dataset_id)}.npz"
 
 
@@ -213,13 +220,12 @@ def embedded_table(name: str, root: str | os.PathLike | None = None) -> Table:
         from lmc.core.data import load_dataset
 
         data = load_dataset("mnist1d", root)
-        x = torch.cat([data.x_train, data.x_test]).flatten(1).numpy()
-        y = torch.cat([data.y_train, data.y_test]).numpy()
+        x = np.concatenate([data.x_train.flatten(1).numpy(), data.x_test.flatten(1).numpy()])
+        y = np.concatenate([data.y_train.numpy(), data.y_test.numpy()])
         return Table(name, x.astype(np.float32), y.astype(np.int64), tuple(f"x{i}" for i in range(x.shape[1])),
                      tuple(str(c) for c in range(10)))
     if name not in ("digits", "breast_cancer"):
-        raise ConfigError(f"unknown tabular dataset '{name}'; valid: {', '.join(EMBEDDED_TABLES)}, "
-                          "openml:<id>, table")
+        raise ConfigError(f"unknown tabular dataset '{name}'; valid: {', '.join(EMBEDDED_TABLES)}")
     from sklearn import datasets
 
     bunch = datasets.load_digits() if name == "digits" else datasets.load_breast_cancer()
@@ -255,37 +261,44 @@ def quantile_transform(x_train: np.ndarray, x_test: np.ndarray, seed: int = 0) -
     return train.astype(np.float32), transform.transform(x_test).astype(np.float32)
 
 
-def tabular_dataset(table: Table, train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int = 0,
-                    quantile: bool = True, device: torch.device | str = "cpu") -> Dataset:
-    """A :class:`Dataset` from ``table``: split by :func:`split_indices` (``seed``), then, if ``quantile``,
-    :func:`quantile_transform` fitted on the training rows."""
+def tabular_arrays(table: Table, train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int = 0,
+                   quantile: bool = True) -> dict:
+    """A dataset's arrays from ``table``: split by :func:`split_indices` (``seed``), then, if ``quantile``,
+    :func:`quantile_transform` fitted on the training rows; and the table's number of classes (a class
+    absent from both splits still counts)."""
     train, test = split_indices(len(table.y), train_size, test_size, seed)
     x_train, x_test = table.x[train], table.x[test]
     if quantile:
         x_train, x_test = quantile_transform(x_train, x_test, seed)
-
-    def tensor(a, dtype):
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(device)
-
-    return Dataset(table.name, tensor(x_train, torch.float32), tensor(table.y[train], torch.long),
-                   tensor(x_test, torch.float32), tensor(table.y[test], torch.long), table.num_classes)
+    return {"x_train": np.ascontiguousarray(x_train, dtype=np.float32), "y_train": table.y[train],
+            "x_test": np.ascontiguousarray(x_test, dtype=np.float32), "y_test": table.y[test],
+            "num_classes": table.num_classes}
 
 
-def load_tabular(name: str, root: str | os.PathLike | None = None, path: str | os.PathLike | None = None,
-                 target: str | None = None, train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE,
-                 seed: int = 0, quantile: bool = True, device: torch.device | str = "cpu") -> Dataset:
-    """One entry for every source: ``name`` is ``openml:<id>`` (read from ``root``), ``table`` (the file
-    ``path`` with label column ``target``) or one of :data:`EMBEDDED_TABLES`."""
-    if name.startswith("openml:"):
-        ids = openml_ids(name)
-        if len(ids) != 1:
-            raise ConfigError(f"data.name {name} names {len(ids)} datasets; a run reads one: openml:<id>")
-        table = read_openml(ids[0], root)
-    elif name == "table":
-        if path is None or target is None:
-            raise ConfigError("data.name=table needs data.path (a CSV or Parquet file) and data.target (its label "
-                              "column)")
-        table = load_table(path, target)
-    else:
-        table = embedded_table(name, root)
-    return tabular_dataset(table, train_size, test_size, seed, quantile, device)
+# --- the built-in datasets' readers (lmc.core.data.DATASETS): their keyword options are data.<key> -----------
+
+def read_embedded(name: str) -> Callable[..., dict]:
+    """The reader of embedded table ``name`` (:data:`EMBEDDED_TABLES`)."""
+
+    def read(root: Path, train_size: PositiveInt = TRAIN_SIZE, test_size: PositiveInt = TEST_SIZE,
+             sample_seed: NonNegativeInt = 0, quantile: bool = True) -> dict:
+        return tabular_arrays(embedded_table(name, root), train_size, test_size, sample_seed, quantile)
+
+    return read
+
+
+def read_openml_dataset(root: Path, id: PositiveInt | None = None, train_size: PositiveInt = TRAIN_SIZE,
+                        test_size: PositiveInt = TEST_SIZE, sample_seed: NonNegativeInt = 0,
+                        quantile: bool = True) -> dict:
+    """``data=openml data.id=<id>``: the OpenML table stored under ``root`` (:func:`read_openml`)."""
+    if id is None:
+        raise ConfigError("data=openml needs data.id=<OpenML dataset id>")
+    return tabular_arrays(read_openml(id, root), train_size, test_size, sample_seed, quantile)
+
+
+def read_table_file(path: str | None = None, target: str | None = None, train_size: PositiveInt = TRAIN_SIZE,
+                    test_size: PositiveInt = TEST_SIZE, sample_seed: NonNegativeInt = 0, quantile: bool = True) -> dict:
+    """``data=table data.path=<file> data.target=<column>``: a CSV or Parquet table (:func:`load_table`)."""
+    if path is None or target is None:
+        raise ConfigError("data=table needs data.path (a CSV or Parquet file) and data.target (its label column)")
+    return tabular_arrays(load_table(path, target), train_size, test_size, sample_seed, quantile)

@@ -1,5 +1,6 @@
 """Model zoo: one class per module, no permutation code (specs are derived by
-:func:`lmc.permutation_spec`).
+:func:`lmc.permutation_spec`), except where tracing cannot see a symmetry: such a model declares it
+(``model.symmetry()``, e.g. the soft tree ensembles' subtree flips), and the pipeline uses that instead.
 
 Every model class — the zoo's and a user's own, named by ``model._target_`` — is built the same way:
 ``cls(input_shape, num_classes, **options)``, where ``input_shape`` is one example's shape (no batch
@@ -15,11 +16,12 @@ from lmc.core.models.cnn1d import CNN1d
 from lmc.core.models.mlp import MLP
 from lmc.core.models.resnet import ResNet20
 from lmc.core.models.resnet18 import ResNet18
+from lmc.core.models.trees import SoftTreeEnsemble
 from lmc.core.models.vgg import VGG
 from lmc.errors import ConfigError
 from lmc.settings import parse_options
 
-__all__ = ["CNN1d", "MLP", "MODELS", "ResNet18", "ResNet20", "VGG", "build_model"]
+__all__ = ["CNN1d", "MLP", "MODELS", "ResNet18", "ResNet20", "SoftTreeEnsemble", "VGG", "build_model"]
 
 MODELS: dict[str, type[nn.Module]] = {  # model.name -> class
     "mlp": MLP,
@@ -27,6 +29,7 @@ MODELS: dict[str, type[nn.Module]] = {  # model.name -> class
     "resnet20": ResNet20,
     "resnet18": ResNet18,
     "cnn1d": CNN1d,
+    "soft_trees": SoftTreeEnsemble,
 }
 
 

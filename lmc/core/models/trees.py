@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Literal
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ class SoftTreeEnsemble(nn.Module):
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, trees: int = 256, depth: int = 2,
-                 kind: str = "perfect"):
+                 kind: Literal["perfect", "oblivious", "decision_list", "modified_decision_list"] = "perfect"):
         super().__init__()
         check_positive_int("model.trees", trees)
         check_positive_int("model.depth", depth)

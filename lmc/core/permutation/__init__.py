@@ -8,6 +8,7 @@ from lmc.core.permutation.apply import (
     invert_permutation,
     random_permutation,
 )
+from lmc.core.permutation.declared import DeclaredSymmetry, declares_symmetry
 from lmc.core.permutation.learned import sinkhorn_rebasin, ste
 from lmc.core.permutation.merge import align_to_reference, merge_many
 from lmc.core.permutation.soft import apply_soft_permutation, permutation_matrix, sinkhorn_normalize
@@ -18,6 +19,7 @@ sinkhorn = sinkhorn_rebasin
 
 __all__ = [
     "AxisRef",
+    "DeclaredSymmetry",
     "Permutation",
     "PermutationSpec",
     "UnsupportedOperationError",
@@ -26,6 +28,7 @@ __all__ = [
     "apply_permutation",
     "apply_soft_permutation",
     "cost_matrices",
+    "declares_symmetry",
     "identity_permutation",
     "invert_permutation",
     "matching_objective",

@@ -190,8 +190,8 @@ class TreeShape:
         count = (1 << len(free)) * len(orders)
         if count > _MAX_PATTERNS:
             raise ConfigError(f"a {self.kind} tree of depth {D} has {count} flip/order patterns, more than the "
-                              f"{_MAX_PATTERNS} the enumeration handles; use a smaller model.depth, fewer "
-                              "align.invariances or (perfect trees) align.search=auto")
+                              f"{_MAX_PATTERNS} the enumeration handles; use a smaller model.depth or fewer "
+                              "invariances (perfect trees: search='auto' needs no enumeration)")
         flip_rows = []
         for bits in itertools.product((False, True), repeat=len(free)):
             row = [False] * N
@@ -236,7 +236,9 @@ class TreeTransform:
 
 class TreeSymmetry:
     """The symmetry group of an ensemble of ``trees`` trees of one :class:`TreeShape`, acting on state
-    dicts with the entries :data:`KEYS` (each under ``prefix``); other entries are left as they are."""
+    dicts with the entries :data:`KEYS` (each under ``prefix``); other entries are left as they are.
+    A declared symmetry (:class:`lmc.core.permutation.declared.DeclaredSymmetry`): the pipeline aligns,
+    stores and applies its elements instead of a traced permutation spec's."""
 
     def __init__(self, shape: TreeShape, trees: int, prefix: str = ""):
         self.shape, self.trees, self.prefix = shape, trees, prefix
@@ -244,6 +246,15 @@ class TreeSymmetry:
     @property
     def invariances(self) -> tuple[str, ...]:
         return self.shape.invariances
+
+    @property
+    def layers(self) -> dict[str, tuple[str, ...]]:
+        """The entries interpolated together in layer-wise sweeps: the splits ``(w, b)`` and the leaves."""
+        return {"splits": (self.prefix + KEYS[0], self.prefix + KEYS[1]), "leaves": (self.prefix + KEYS[2],)}
+
+    def from_dict(self, d: Mapping[str, torch.Tensor]) -> TreeTransform:
+        """The element :meth:`TreeTransform.to_dict` wrote."""
+        return TreeTransform.from_dict(d)
 
     def identity(self) -> TreeTransform:
         M, N, D = self.trees, self.shape.num_nodes, self.shape.depth
