@@ -25,8 +25,8 @@ def one_line_error(proc, code, message):
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
-EXPERIMENTS = ("mlp_fashion_mnist, mlp_mnist, mlp_mnist1d, resnet_cifar, resnet_cifar_split, star_mnist1d, "
-               "star_resnet18_cifar, star_vgg11_cifar, trees, vgg_cifar")
+EXPERIMENTS = ("mlp_fashion_mnist, mlp_mnist, mlp_mnist1d, resnet_cifar, resnet_cifar_split, soup, soup_cifar, "
+               "star_mnist1d, star_resnet18_cifar, star_vgg11_cifar, trees, vgg_cifar")
 DATASETS = ("breast_cancer, cifar10, cifar100, digits, fashion_mnist, mnist, mnist1d, mnist1d_tabular, openml, svhn, "
             "table, tensors")
 

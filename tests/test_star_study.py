@@ -172,6 +172,7 @@ def test_a_killed_star_model_resumes_from_the_store_to_the_same_weights(tmp_path
     ("align=activation_matching", "study=star aligns each pair by weight matching"),
     ("data_seeds=[3,4]", "data_seeds and aug_seeds are not read"),
     ("+study.bogus=1", "unknown key study.bogus"),
+    ("model=soft_trees", "model soft_trees declares its own symmetry"),
 ])
 def test_bad_study_settings_are_one_line_before_anything_runs(override, message, tmp_path, data_root):
     with pytest.raises(ConfigError) as info:

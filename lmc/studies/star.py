@@ -64,6 +64,7 @@ from lmc.core.diagnostics import alignment_diagnostics
 from lmc.core.interpolation import alpha_grid
 from lmc.core.normalization import resolve_reset_bn
 from lmc.core.permutation import apply_permutation, permutation_spec
+from lmc.core.permutation.declared import declares_symmetry
 from lmc.core.star import PAIR_TYPES, StarConfig, best_matching, pair_barriers, star_pairs, summarise, train_star
 from lmc.core.training import evaluate
 from lmc.errors import ConfigError
@@ -82,7 +83,6 @@ __all__ = ["Star", "star_identity"]
 
 SPLITS = ("train", "test")
 REGULAR = ("held_out_held_out", "anchor_held_out")  # the pair types the star–held-out barrier is compared with
-METRICS = ("loss", "error", "loss_midpoint", "error_midpoint")
 LABELS = {"star_held_out": "star–held-out", "held_out_held_out": "held-out–held-out",
           "anchor_held_out": "anchor–held-out", "star_anchor": "star–anchor"}
 
@@ -142,6 +142,9 @@ class Star:
         if run.interp.repair:
             raise ConfigError("study=star resets BatchNorm statistics at every α as the paper does, without REPAIR; "
                               "set interp.repair=false")
+        if declares_symmetry(run.model.cls):
+            raise ConfigError(f"study=star aligns by weight matching on a traced permutation spec, but model "
+                              f"{run.model.name} declares its own symmetry; choose another model")
         if run.train.compile:
             raise ConfigError("study=star cannot compile its star model (its steps run through "
                               "torch.func.functional_call); set train.compile=false")
