@@ -3,6 +3,7 @@ earlier results untouched."""
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +26,7 @@ def one_line_error(proc, code, message):
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
-EXPERIMENTS = ("mlp_fashion_mnist, mlp_mnist, mlp_mnist1d, resnet_cifar, resnet_cifar_split, soup, soup_cifar, trees, "
-               "vgg_cifar")
+EXPERIMENTS = ", ".join(sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")))
 DATASETS = ("breast_cancer, cifar10, cifar100, digits, fashion_mnist, mnist, mnist1d, mnist1d_tabular, openml, svhn, "
             "table, tensors")
 
@@ -34,7 +34,8 @@ DATASETS = ("breast_cancer, cifar10, cifar100, digits, fashion_mnist, mnist, mni
 @pytest.mark.parametrize("args,message", [
     (["experiment=foo"], "error: unknown experiment 'foo'; valid: " + EXPERIMENTS),
     (["-m", "experiment=mlp_mnist1d,foo"], "error: unknown experiment 'foo'; valid: " + EXPERIMENTS),
-    (["model=transformer"], "error: unknown model 'transformer'; valid: cnn1d, mlp, resnet20, soft_trees, vgg"),
+    (["model=transformer"],
+     "error: unknown model 'transformer'; valid: cnn1d, mlp, resnet18, resnet20, soft_trees, vgg"),
     (["data=imagenet"], "error: unknown data 'imagenet'; valid: " + DATASETS),
     (["align=magic"], "error: unknown align 'magic'; valid: activation_matching, none, sinkhorn, ste, weight_matching"),
     (["seeds=[0,0.5]"], "error: seeds must be 2 distinct integers, e.g. seeds=[0,1]; got [0, 0.5]"),

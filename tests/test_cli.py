@@ -107,7 +107,8 @@ def test_wandb_offline_run_lands_in_run_directory(tmp_path, data_root):
         ("data.name=imagenet",
          "unknown data.name 'imagenet'; valid: breast_cancer, cifar10, cifar100, digits, fashion_mnist, mnist, "
          "mnist1d, mnist1d_tabular, openml, svhn, table, tensors"),
-        ("model.name=transformer", "unknown model.name 'transformer'; valid: cnn1d, mlp, resnet20, soft_trees, vgg"),
+        ("model.name=transformer",
+         "unknown model.name 'transformer'; valid: cnn1d, mlp, resnet18, resnet20, soft_trees, vgg"),
         ("seeds=[1,1]", "seeds must be 2 distinct integers"),
         ("seeds=[1,2,3]", "seeds must be 2 distinct integers"),
         ("seeds=[1,2,3] align.merge=everything",

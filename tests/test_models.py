@@ -19,6 +19,7 @@ ZOO = [
     ("resnet20", (3, 16, 16), [dict(width=1, base_channels=4), dict(width=2, base_channels=4)]),
     ("resnet20", (3, 8, 8), [dict(width=1, base_channels=4, norm="layernorm"),
                              dict(width=3, base_channels=2, norm="none")]),
+    ("resnet18", (3, 16, 16), [dict(width=1, base_channels=4), dict(width=2, base_channels=2, norm="layernorm")]),
     ("cnn1d", (40,), [dict(width=8), dict(width=16, depth=2, norm="batchnorm")]),
     ("cnn1d", (1, 40), [dict(width=6, norm="layernorm"), dict(width=12, depth=4)]),
 ]
@@ -76,6 +77,19 @@ def test_resnet20_structure():
     # one residual-stream group per stage, plus one group inside each of the 9 blocks
     assert len(spec.groups) == 3 + 9
     assert spec.axes_to_perm["conv.weight"][0] == spec.axes_to_perm["layer1.2.conv2.weight"][0]
+
+
+def test_resnet18_structure():
+    """The CIFAR ResNet-18 of kuangliu/pytorch-cifar (the star-domain paper's): 11,173,962 parameters."""
+    model = build_model("resnet18", (3, 32, 32), 10)
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 16 + 3  # stem, 8 blocks × 2, three shortcut convs
+    small = build_model("resnet18", (3, 32, 32), 10, base_channels=4)
+    spec = permutation_spec(small, torch.randn(2, 3, 32, 32))
+    # one residual-stream group per stage, plus one group inside each of the 8 blocks
+    assert len(spec.groups) == 4 + 8
+    assert spec.axes_to_perm["conv.weight"][0] == spec.axes_to_perm["layer1.1.conv2.weight"][0]
 
 
 @pytest.mark.parametrize("name,kw,match", [

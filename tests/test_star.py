@@ -377,8 +377,7 @@ def test_restarts_keep_the_weight_matching_with_the_highest_objective(monkeypatc
     best = max(objectives, key=objectives.get)
     for restarts, expected in ((3, best), (1, 4)):
         seeds.clear()
-        cfg = StarEvalConfig(align_seed=4, align_restarts=restarts)
-        chosen = star_module._best_matching(spec, a, b, names, cfg)
+        chosen = star_module.best_matching(spec, params_a, params_b, seed=4, restarts=restarts)
         assert seeds == [4, 5, 6][:restarts]
         assert all(torch.equal(chosen[g], perms[expected][g]) for g in chosen)
     assert len(set(objectives.values())) > 1

@@ -278,7 +278,7 @@ def test_every_registered_study_has_a_config_and_help_lists_them(tmp_path, data_
     assert proc.returncode == 0
     for name in STUDIES:
         assert f"study={name}" in proc.stdout
-    assert "model: cnn1d, mlp, resnet20, soft_trees, vgg" in proc.stdout and "_defaults" not in proc.stdout
+    assert "model: cnn1d, mlp, resnet18, resnet20, soft_trees, vgg" in proc.stdout and "_defaults" not in proc.stdout
 
 
 def test_unknown_study_is_one_line(tmp_path, data_root):

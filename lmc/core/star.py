@@ -65,8 +65,11 @@ __all__ = [
     "StarEvalConfig",
     "StarEvaluation",
     "StarObjective",
+    "best_matching",
     "evaluate_star",
+    "pair_barriers",
     "star_pairs",
+    "summarise",
     "train_star",
 ]
 
@@ -373,7 +376,8 @@ def star_pairs(pair_type: str, stars: int, anchors: int, held_out: int) -> list[
     raise ConfigError(f"unknown star pair type '{pair_type}'; valid: {', '.join(PAIR_TYPES)}")
 
 
-def _summarise(pairs: list[PairBarrier]) -> list[BarrierSummary]:
+def summarise(pairs: Sequence[PairBarrier]) -> list[BarrierSummary]:
+    """Mean ± sample standard deviation of every barrier over the pairs of each (pair type, split)."""
     out = []
     keys = list(dict.fromkeys((p.pair_type, p.split) for p in pairs))
     for pair_type, split in keys:
@@ -385,18 +389,34 @@ def _summarise(pairs: list[PairBarrier]) -> list[BarrierSummary]:
     return out
 
 
-def _best_matching(spec: PermutationSpec, sd_a: StateDict, sd_b: StateDict, names: list[str],
-                   cfg: StarEvalConfig) -> Permutation:
-    """Weight matching of B's parameters to A's, ``cfg.align_restarts`` times (seeds ``align_seed + r``);
-    the permutation with the highest matching objective."""
-    params_a, params_b = {k: sd_a[k] for k in names}, {k: sd_b[k] for k in names}
+def best_matching(spec: PermutationSpec, params_a: StateDict, params_b: StateDict, max_iter: int = 100,
+                  seed: int = 0, restarts: int = 1) -> Permutation:
+    """Weight matching of B's parameters to A's, ``restarts`` times (seeds ``seed + r``); the permutation
+    with the highest matching objective (the first one on ties)."""
     best, best_objective = None, -math.inf
-    for restart in range(cfg.align_restarts):
-        perm = weight_matching(spec, params_a, params_b, max_iter=cfg.align_max_iter, seed=cfg.align_seed + restart)
-        objective = matching_objective(spec, perm, params_a, params_b) if cfg.align_restarts > 1 else 0.0
+    for restart in range(restarts):
+        perm = weight_matching(spec, params_a, params_b, max_iter=max_iter, seed=seed + restart)
+        objective = matching_objective(spec, perm, params_a, params_b) if restarts > 1 else 0.0
         if objective > best_objective:
             best, best_objective = perm, objective
     return best
+
+
+def pair_barriers(rows: Sequence[Mapping], pair_type: str, first: str, second: str,
+                  splits: Sequence[str] = ("train", "test")) -> list[PairBarrier]:
+    """The barriers of one pair's path, one :class:`PairBarrier` per split, from its curve rows (those of
+    :func:`lmc.core.interpolation.sweep` for one method, whole model)."""
+    (method,) = {r["method"] for r in rows}
+    barriers = barriers_from_curves(list(rows))[method]
+    out = []
+    for split in splits:
+        ends = [r for r in rows if r["split"] == split and r["alpha"] in (0.0, 1.0)]
+        end_a, end_b = min(ends, key=lambda r: r["alpha"]), max(ends, key=lambda r: r["alpha"])
+        b = barriers[split]
+        out.append(PairBarrier(pair_type, f"{first}-{second}", first, second, split, b["loss"], b["error"],
+                               b["loss_midpoint"], b["error_midpoint"], end_a["loss"], end_a["acc"], end_b["loss"],
+                               end_b["acc"]))
+    return out
 
 
 def evaluate_star(
@@ -433,18 +453,12 @@ def evaluate_star(
     for pair_type, first, second in tqdm(todo, desc="star pairs", disable=not progress, leave=False):
         sd_a, sd_b = models[first], models[second]
         if cfg.align == "weight_matching":
-            sd_b = apply_permutation(spec, _best_matching(spec, sd_a, sd_b, names, cfg), sd_b)
+            perm = best_matching(spec, {k: sd_a[k] for k in names}, {k: sd_b[k] for k in names}, cfg.align_max_iter,
+                                 cfg.align_seed, cfg.align_restarts)
+            sd_b = apply_permutation(spec, perm, sd_b)
         correct, suffix = corrections(model, sd_a, sd_b, batches, reset_bn=reset_bn, repair=False)
-        method = cfg.align + suffix
-        rows = sweep(model, sd_a, sd_b, alphas, splits, method, correct=correct, batch_size=cfg.eval_batch_size)
-        pair = f"{first}-{second}"
-        curves += [{**r, "pair_type": pair_type, "pair": pair} for r in rows]
-        barriers = barriers_from_curves(rows)[method]
-        for split in cfg.splits:
-            ends = [r for r in rows if r["split"] == split and r["alpha"] in (0.0, 1.0)]
-            end_a, end_b = min(ends, key=lambda r: r["alpha"]), max(ends, key=lambda r: r["alpha"])
-            b = barriers[split]
-            pairs.append(PairBarrier(pair_type, pair, first, second, split, b["loss"], b["error"],
-                                     b["loss_midpoint"], b["error_midpoint"], end_a["loss"], end_a["acc"],
-                                     end_b["loss"], end_b["acc"]))
-    return StarEvaluation(pairs, _summarise(pairs), curves)
+        rows = sweep(model, sd_a, sd_b, alphas, splits, cfg.align + suffix, correct=correct,
+                     batch_size=cfg.eval_batch_size)
+        curves += [{**r, "pair_type": pair_type, "pair": f"{first}-{second}"} for r in rows]
+        pairs += pair_barriers(rows, pair_type, first, second, cfg.splits)
+    return StarEvaluation(pairs, summarise(pairs), curves)

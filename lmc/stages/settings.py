@@ -151,7 +151,7 @@ class ModelSettings:
     """``model.*``: the architecture — a zoo model by ``name`` or a user's class by ``_target_`` — and
     its options (checked against the class's signature)."""
 
-    name: str  # zoo name (mlp, vgg, resnet20, cnn1d) or, for a user's class, its import path
+    name: str  # zoo name (mlp, vgg, resnet20, resnet18, cnn1d) or, for a user's class, its import path
     target: str  # import path of the class
     options: dict  # keyword arguments after (input_shape, num_classes)
     source: str  # fingerprint of the source of the class's module: part of the store identity

@@ -35,6 +35,7 @@ __all__ = ["STUDIES", "Context", "Study", "StudyResult", "Timings", "load_study"
 STUDIES = {  # study=<name> -> import path of its class (imported when chosen)
     "pair": "lmc.studies.pair.Pair",
     "soup": "lmc.studies.soup.Soup",
+    "star": "lmc.studies.star.Star",
     "trees": "lmc.studies.trees.Trees",
 }
 

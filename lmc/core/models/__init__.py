@@ -15,17 +15,19 @@ from torch import nn
 from lmc.core.models.cnn1d import CNN1d
 from lmc.core.models.mlp import MLP
 from lmc.core.models.resnet import ResNet20
+from lmc.core.models.resnet18 import ResNet18
 from lmc.core.models.trees import SoftTreeEnsemble
 from lmc.core.models.vgg import VGG
 from lmc.errors import ConfigError
 from lmc.settings import parse_options
 
-__all__ = ["CNN1d", "MLP", "MODELS", "ResNet20", "SoftTreeEnsemble", "VGG", "build_model"]
+__all__ = ["CNN1d", "MLP", "MODELS", "ResNet18", "ResNet20", "SoftTreeEnsemble", "VGG", "build_model"]
 
 MODELS: dict[str, type[nn.Module]] = {  # model.name -> class
     "mlp": MLP,
     "vgg": VGG,
     "resnet20": ResNet20,
+    "resnet18": ResNet18,
     "cnn1d": CNN1d,
     "soft_trees": SoftTreeEnsemble,
 }
