@@ -1,0 +1,199 @@
+"""Study ``layerwise`` (issue 16): ``python -m lmc.run study=layerwise`` end to end on a tiny MLP, its tables
+against what the definitions give by construction, the store, the figures offline, and bad inputs."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from test_cli import lmc_run
+
+from lmc.core.barriers import barrier, midpoint_barrier
+from lmc.core.layerwise import LAYERWISE_COLUMNS
+from lmc.errors import ConfigError
+from lmc.io import load_verified, read_curves
+from lmc.run import CONF_DIR, run
+from lmc.studies.layerwise import cumulative_curves, heatmap_matrix
+
+TINY = ["study=layerwise", "model.width=16", "model.depth=2", "train.epochs=2", "study.random_samples=3",
+        "study.random_order_seeds=[0]", "progress=false", "logger=none"]
+LAYERS = ["fc1", "fc2", "head"]
+FIGURES = ("heatmap.png", "cumulative.png", "random_direction.png")
+
+
+def in_process(tmp_path, data_root, overrides, name):
+    overrides = [*overrides, f"data.root={data_root}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return run(cfg, tmp_path / name, overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp("layerwise")
+    store, run_dir = tmp / "store", tmp / "out"
+    proc = lmc_run([*TINY, f"store.root={store}", f"hydra.run.dir={run_dir}"], tmp, data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, store, run_dir, json.loads((run_dir / "results.json").read_text()), proc.stdout
+
+
+def curve(rows, method="naive", set_name="", base="", epoch="", split="train"):
+    return {r["alpha"]: r for r in rows if (r["method"], r["set"], r["base"], r["epoch"], r["split"])
+            == (method, set_name, base, epoch, split)}
+
+
+def test_the_paper_pair_and_every_set_into_both_bases(tiny):
+    _, store, run_dir, results, stdout = tiny
+    assert results["study"] == "layerwise" and list(results["layers"]) == LAYERS
+    assert results["layers"]["fc1"] == ["fc1.weight", "fc1.bias"]
+    # the paper's pair: one init, two data orders (spawned at step 0)
+    seeds = [json.loads((store / "models" / results["store"]["hashes"][t] / "meta.json").read_text())["settings"]
+             for t in "ab"]
+    assert [s["seeds"]["init"] for s in seeds] == [0, 0] and [s["seeds"]["data"] for s in seeds] == [0, 1]
+    assert seeds[0]["spawn"]["step"] == 0
+    assert results["orders"] == {"shallow": LAYERS, "deep": LAYERS[::-1], "random0": results["orders"]["random0"],
+                                 "minimal": ["fc1", "head", "fc2"]}
+    kinds = {}
+    for info in results["sets"].values():
+        kinds[info["kind"]] = kinds.get(info["kind"], 0) + 1
+    assert kinds == {"single": 3, "cumulative": 4 * 3, "window": 2, "random_dir": 3 * 3}
+    assert results["sets"]["window2_fc2-head"] == {"kind": "window", "layer": "fc2", "layers": ["fc2", "head"]}
+    assert results["over_training"] == {"epochs": [1, 2], "steps": [32, 64]}
+    # one record per (method, set, base, epoch, split): final sets, and single layers at every epoch
+    final = [r for r in results["layerwise"] if r["epoch"] == ""]
+    assert len(final) == 2 * (1 + 2 * (3 + 12 + 2 + 9))
+    for epoch in (1, 2):
+        at = [r for r in results["layerwise"] if r["epoch"] == epoch]
+        assert len(at) == 2 * (1 + 2 * 3) and {r["kind"] for r in at} == {"whole", "single"}
+    assert "largest single layer" in stdout and (run_dir / "checkpoints" / "model_b.pt").is_file()
+
+
+def test_rows_hold_the_definitions_by_construction(tiny):
+    _, _, run_dir, results, _ = tiny
+    rows = read_curves(run_dir)
+    assert set(LAYERWISE_COLUMNS) <= set(rows[0]) and {r["base"] for r in rows} == {"", "a", "b"}
+    rows = [{**r, "epoch": int(r["epoch"]) if r["epoch"] else ""} for r in rows]
+    records = {(r["method"], r["set"], r["base"], r["epoch"], r["split"]): r for r in results["layerwise"]}
+    for split in ("train", "test"):
+        whole = curve(rows, split=split)
+        assert sorted(whole) == [0.0, 0.5, 1.0]
+        for name in results["sets"]:
+            into_a, into_b = curve(rows, set_name=name, base="a", split=split), \
+                curve(rows, set_name=name, base="b", split=split)
+            # into A at α = 0 is A itself and into B at α = 1 is B: their barrier terms are zero
+            assert into_a[0.0]["loss"] == whole[0.0]["loss"] and into_b[1.0]["loss"] == whole[1.0]["loss"]
+            for base, points in (("a", into_a), ("b", into_b)):
+                alphas = sorted(points)
+                values = [points[a]["loss"] for a in alphas]
+                record = records[("naive", name, base, "", split)]
+                assert record["loss"] == pytest.approx(barrier(alphas, values, whole[0.0]["loss"], whole[1.0]["loss"]))
+                assert record["loss"] >= 0.0  # the max includes the endpoint's term, zero
+                assert record["loss_midpoint"] == pytest.approx(
+                    midpoint_barrier(alphas, values, whole[0.0]["loss"], whole[1.0]["loss"]))
+        # the cumulative set of all layers is the whole model, in every order and for both bases
+        for order in results["orders"]:
+            for base in ("a", "b"):
+                full = curve(rows, set_name=f"cum_{order}_3", base=base, split=split)
+                for alpha in (0.0, 0.5, 1.0):
+                    assert full[alpha]["loss"] == pytest.approx(whole[alpha]["loss"], abs=1e-6)
+                    assert full[alpha]["acc"] == pytest.approx(whole[alpha]["acc"], abs=1e-9)
+    head = results["headline"]["naive"]["train"]
+    assert head["full_cumulative_loss"] == pytest.approx(head["whole_loss"], abs=1e-6)
+    assert results["barriers"]["naive"]["train"]["loss"] == head["whole_loss"]
+
+
+def test_random_direction_moves_the_averaging_distance(tiny):
+    _, _, run_dir, results, _ = tiny
+    sd_a, sd_b = (load_verified(run_dir / "checkpoints" / f"model_{t}.pt")["model"] for t in "ab")
+    entries = [e for e in results["random_direction"] if e["epoch"] == ""]
+    assert len(entries) == 3 * 2 * 2  # layers × bases × splits
+    for e in entries:
+        keys = results["layers"][e["layer"]]
+        distance = math.sqrt(sum(((sd_b[k].double() - sd_a[k].double()) ** 2).sum().item() for k in keys))
+        assert e["averaging_distance"] == pytest.approx(distance, rel=1e-9)
+        assert e["random_distance"] == pytest.approx(distance, rel=1e-5)
+        assert e["samples"] == 3
+        single = next(r for r in results["layerwise"] if (r["set"], r["base"], r["epoch"], r["split"])
+                      == (e["layer"], e["base"], "", e["split"]))
+        assert e["averaging_loss"] == single["loss"]
+        samples = [r["loss"] for r in results["layerwise"] if r["kind"] == "random_dir" and r["layer"] == e["layer"]
+                   and r["base"] == e["base"] and r["split"] == e["split"]]
+        assert e["random_loss"] == pytest.approx(np.mean(samples)) and e["random_loss_std"] == pytest.approx(
+            np.std(samples, ddof=1))
+
+
+def test_heatmap_has_a_row_per_layer_and_a_column_per_kept_epoch(tiny):
+    _, _, _, results, _ = tiny
+    records = results["layerwise"]
+    for base in ("a", "b"):
+        layers, epochs, matrix = heatmap_matrix(records, list(results["layers"]), "naive", base)
+        assert layers == LAYERS and epochs == [1, 2] and matrix.shape == (3, 2) and np.isfinite(matrix).all()
+        # the last kept epoch is the final model: its column equals the final single-layer barriers
+        final = {r["layer"]: r["loss_midpoint"] for r in records
+                 if (r["kind"], r["base"], r["epoch"], r["split"]) == ("single", base, "", "train")}
+        assert matrix[:, 1] == pytest.approx([final[layer] for layer in LAYERS], abs=1e-6)
+    curves = cumulative_curves(records, results["orders"], "naive", "a")
+    assert set(curves) == set(results["orders"]) and all(len(v) == 3 for v in curves.values())
+    assert len({round(v[-1], 9) for v in curves.values()}) == 1  # every order ends at the whole model
+
+
+def test_figures_redraw_from_the_run_directory(tiny):
+    _, _, run_dir, _, _ = tiny
+    for name in FIGURES:
+        (run_dir / name).unlink()
+    proc = subprocess.run([sys.executable, "-m", "lmc.figures", str(run_dir)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in FIGURES:
+        assert (run_dir / name).stat().st_size > 10_000 and name in proc.stdout
+
+
+def test_a_second_run_reuses_the_store(tiny, data_root):
+    tmp, store, _, first, _ = tiny
+    again = in_process(tmp, data_root, [*TINY, f"store.root={store}"], "again")
+    assert all(again["reused"].values()) and again["store"]["hashes"] == first["store"]["hashes"]
+    assert again["layerwise"] == first["layerwise"]
+
+
+def test_independent_pair_naive_and_aligned_at_every_kept_epoch(tmp_path, data_root):
+    results = in_process(tmp_path, data_root, [*TINY, f"store.root={tmp_path / 'store'}", "study.pair=independent",
+                                               "study.orders=[shallow]", "study.windows=[]", "study.random_samples=0",
+                                               "study.epochs=[2]", "study.bases=[a]"], "independent")
+    assert {r["method"] for r in results["layerwise"]} == {"naive", "weight_matching"}
+    assert {r["base"] for r in results["layerwise"]} == {"", "a"}
+    assert results["diagnostics"]["weight_matching"]["objective_after"] >= \
+        results["diagnostics"]["weight_matching"]["objective_before"]
+    at = [r for r in results["layerwise"] if r["epoch"] == 2 and r["method"] == "weight_matching"]
+    assert len(at) == 2 * (1 + 3)
+    final = {(r["set"], r["split"]): r["loss"] for r in results["layerwise"]
+             if r["epoch"] == "" and r["method"] == "weight_matching" and r["kind"] in ("single", "whole")}
+    assert {(r["set"], r["split"]): r["loss"] for r in at} == pytest.approx(final, abs=1e-6)
+    assert results["random_direction"] == [] and list(results["orders"]) == ["shallow"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["study.orders=[shallow,sideways]"], "unknown study.orders[1] 'sideways'; valid: shallow, deep, random, minimal"),
+    (["study.windows=[2,9]"], "study.windows has width 9, larger than the number of layers (3: fc1, fc2, head); "
+                              "valid: 1..3"),
+    (["study.blocks=[conv.*]"], "layer block pattern(s) 'conv.*' match no module; modules: fc1, fc2, head"),
+    (["study.alphas=[0,0.5]"], "study.alphas must increase from 0 to 1"),
+    (["study.epochs=[3]"], "study.epochs must be epochs in 1..2 (train.epochs), all, or []; got [3]"),
+    (["study.pair=independent", "spawn.step=5"], "study.pair=independent trains A and B from their own inits"),
+    (["data_seeds=[4,4]", "aug_seeds=[4,4]"], "study.pair=spawned needs different data_seeds or aug_seeds"),
+])
+def test_bad_input_is_one_config_error_before_training(overrides, message, tmp_path, data_root):
+    with pytest.raises(ConfigError) as info:
+        in_process(tmp_path, data_root, [*TINY, f"store.root={tmp_path / 'store'}", *overrides], "bad")
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not list((tmp_path / "store").glob("models/*"))
+
+
+def test_bad_input_on_the_command_line_is_one_line(tmp_path, data_root):
+    proc = lmc_run([*TINY, "study.windows=[5]", f"store.root={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'o'}"],
+                   tmp_path, data_root)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: study.windows has width 5, larger than the number of layers (3: fc1, fc2, "
+                                   "head); valid: 1..3")
