@@ -197,3 +197,40 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path, data_root):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("error: study.windows has width 5, larger than the number of layers (3: fc1, fc2, "
                                    "head); valid: 1..3")
+
+
+@pytest.mark.parametrize("experiment", ["layerwise_mnist1d", "layerwise_resnet18_cifar", "layerwise_vgg11_cifar"])
+def test_experiments_compose_and_pass_the_study_checks(experiment):
+    from lmc.config import settings_from_config
+    from lmc.studies import load_study
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"])
+    settings = settings_from_config(cfg)
+    study, options = load_study(settings.study)
+    study.check(settings, options)
+    assert study.name == "layerwise" and settings.name == experiment and options.pair == "spawned"
+    if "cifar" in experiment:
+        assert settings.model.options["norm"] == "none" and settings.train.batch_size == 16
+
+
+def test_resnet18_without_normalisation_runs_on_fabricated_cifar(tmp_path, monkeypatch):
+    from fake_datasets import fabricate, skip_md5_checks
+
+    skip_md5_checks(monkeypatch)
+    fabricate("cifar10", tmp_path / "data", n_train=64, n_test=32)
+    overrides = ["experiment=layerwise_resnet18_cifar", f"data.root={tmp_path / 'data'}", "model.base_channels=2",
+                 "train.epochs=1", "train.batch_size=32", "study.orders=[deep]", "study.windows=[3]",
+                 "study.random_samples=1", "study.blocks={stem:conv,layer4:'layer4.*'}", "logger=none",
+                 "device=cpu", "progress=false", f"store.root={tmp_path / 'store'}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    results = run(cfg, tmp_path / "out", overrides)
+    layers = list(results["layers"])
+    assert layers[0] == "stem" and "layer4" in layers and not any(x.startswith("layer4.") for x in layers)
+    assert results["over_training"]["epochs"] == [1] and results["normalization"]["reset_bn"] is False
+    n = len(layers)
+    kinds = [info["kind"] for info in results["sets"].values()]
+    assert n == 21 - 5 + 1 and results["layers"]["layer4"][0] == "layer4.0.conv1.weight"
+    assert kinds.count("single") == n and kinds.count("cumulative") == n and kinds.count("window") == n - 2
+    assert kinds.count("random_dir") == n

@@ -110,7 +110,7 @@ class Layerwise:
         pair: Literal["spawned", "independent"]  # same init, different data order | each its own init
         alphas: list[float]  # the layer-wise α grid (from 0 to 1)
         bases: list[Literal["a", "b"]]  # which model the rest of the network stays at
-        blocks: dict[str, str] | list[str]  # regular expressions merging modules into blocks
+        blocks: dict[str, str] | list[str] | None  # regular expressions merging modules into blocks (null: none)
         orders: list[Literal["shallow", "deep", "random", "minimal"]]  # cumulative orders
         random_order_seeds: list[NonNegativeInt]  # one random cumulative order per seed
         minimal_edge: NonNegativeInt | None  # layers taken from each end first by `minimal`; null = n // 4
@@ -156,6 +156,9 @@ class Layerwise:
         if run.interp.repair:
             raise ConfigError("study=layerwise corrects only BatchNorm statistics (interp.reset_bn), as the layer-wise "
                               "sweep of the pair study; set interp.repair=false")
+        if run.train.stop_loss is not None and o.epochs != []:
+            raise ConfigError("study=layerwise keeps a checkpoint at every epoch of study.epochs, which "
+                              "train.stop_loss may never reach; set train.stop_loss=null or study.epochs=[]")
         if o.epochs != "all" and len(set(o.epochs)) != len(o.epochs):
             raise ConfigError(f"study.epochs repeats an epoch: {show(o.epochs)}")
         if o.epochs != "all" and o.epochs and max(o.epochs) > run.train.epochs:
@@ -198,7 +201,7 @@ class Layerwise:
         recipe = Recipe(s.data, data, s.model, replace(s.train, keep_checkpoints=keep), ctx.device)
         recipe.check()
         model = recipe.build()
-        groups = layer_groups(model, o.blocks)  # a pattern matching no module: ConfigError, before training
+        groups = layer_groups(model, o.blocks or ())  # a pattern matching no module: ConfigError, before training
         sets, orders = self.layer_sets(groups, o)
         singles = [x for x in sets if x.kind == "single"]
 
