@@ -514,7 +514,7 @@ def plot_heatmap(records: list[dict], layers: Mapping | list, method: str, path:
         ax.set_xticks(range(0, len(epochs), step), [str(e) for e in epochs[::step]], fontsize=8)
         ax.set_xlabel("epoch")
         ax.set_title(f"{BASE_LABELS[base]}", fontsize=10)
-        if len(epochs) * len(names) <= 120:
+        if len(epochs) <= 12:
             for i in range(len(names)):
                 for j in range(len(epochs)):
                     if np.isfinite(matrix[i, j]):
