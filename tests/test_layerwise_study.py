@@ -16,7 +16,7 @@ from lmc.core.layerwise import LAYERWISE_COLUMNS
 from lmc.errors import ConfigError
 from lmc.io import load_verified, read_curves
 from lmc.run import CONF_DIR, run
-from lmc.studies.layerwise import cumulative_curves, heatmap_matrix
+from lmc.studies.layerwise import cumulative_curves, epochs_of, heatmap_matrix, layers_of, orders_of, sets_of
 
 TINY = ["study=layerwise", "model.width=16", "model.depth=2", "train.epochs=2", "study.random_samples=3",
         "study.random_order_seeds=[0]", "progress=false", "logger=none"]
@@ -47,21 +47,22 @@ def curve(rows, method="naive", set_name="", base="", epoch="", split="train"):
 
 def test_the_paper_pair_and_every_set_into_both_bases(tiny):
     _, store, run_dir, results, stdout = tiny
-    assert results["study"] == "layerwise" and list(results["layers"]) == LAYERS
-    assert results["layers"]["fc1"] == ["fc1.weight", "fc1.bias"]
+    assert results["study"] == "layerwise" and list(layers_of(results)) == LAYERS
+    assert layers_of(results)["fc1"] == ["fc1.weight", "fc1.bias"]
     # the paper's pair: one init, two data orders (spawned at step 0)
     seeds = [json.loads((store / "models" / results["store"]["hashes"][t] / "meta.json").read_text())["settings"]
              for t in "ab"]
     assert [s["seeds"]["init"] for s in seeds] == [0, 0] and [s["seeds"]["data"] for s in seeds] == [0, 1]
     assert seeds[0]["spawn"]["step"] == 0
-    assert results["orders"] == {"shallow": LAYERS, "deep": LAYERS[::-1], "random0": results["orders"]["random0"],
-                                 "minimal": ["fc1", "head", "fc2"]}
+    orders = orders_of(results)
+    assert orders == {"shallow": LAYERS, "deep": LAYERS[::-1], "random0": orders["random0"],
+                      "minimal": ["fc1", "head", "fc2"]} and sorted(orders["random0"]) == sorted(LAYERS)
     kinds = {}
-    for info in results["sets"].values():
+    for info in sets_of(results).values():
         kinds[info["kind"]] = kinds.get(info["kind"], 0) + 1
     assert kinds == {"single": 3, "cumulative": 4 * 3, "window": 2, "random_dir": 3 * 3}
-    assert results["sets"]["window2_fc2-head"] == {"kind": "window", "layer": "fc2", "layers": ["fc2", "head"]}
-    assert results["over_training"] == {"epochs": [1, 2], "steps": [32, 64]}
+    assert sets_of(results)["window2_fc2-head"] == {"kind": "window", "layer": "fc2", "layers": ["fc2", "head"]}
+    assert results["over_training"] == [{"epoch": 1, "step": 32}, {"epoch": 2, "step": 64}]
     # one record per (method, set, base, epoch, split): final sets, and single layers at every epoch
     final = [r for r in results["layerwise"] if r["epoch"] == ""]
     assert len(final) == 2 * (1 + 2 * (3 + 12 + 2 + 9))
@@ -80,7 +81,7 @@ def test_rows_hold_the_definitions_by_construction(tiny):
     for split in ("train", "test"):
         whole = curve(rows, split=split)
         assert sorted(whole) == [0.0, 0.5, 1.0]
-        for name in results["sets"]:
+        for name in sets_of(results):
             into_a, into_b = curve(rows, set_name=name, base="a", split=split), \
                 curve(rows, set_name=name, base="b", split=split)
             # into A at α = 0 is A itself and into B at α = 1 is B: their barrier terms are zero
@@ -94,7 +95,7 @@ def test_rows_hold_the_definitions_by_construction(tiny):
                 assert record["loss_midpoint"] == pytest.approx(
                     midpoint_barrier(alphas, values, whole[0.0]["loss"], whole[1.0]["loss"]))
         # the cumulative set of all layers is the whole model, in every order and for both bases
-        for order in results["orders"]:
+        for order in orders_of(results):
             for base in ("a", "b"):
                 full = curve(rows, set_name=f"cum_{order}_3", base=base, split=split)
                 for alpha in (0.0, 0.5, 1.0):
@@ -111,7 +112,7 @@ def test_random_direction_moves_the_averaging_distance(tiny):
     entries = [e for e in results["random_direction"] if e["epoch"] == ""]
     assert len(entries) == 3 * 2 * 2  # layers × bases × splits
     for e in entries:
-        keys = results["layers"][e["layer"]]
+        keys = layers_of(results)[e["layer"]]
         distance = math.sqrt(sum(((sd_b[k].double() - sd_a[k].double()) ** 2).sum().item() for k in keys))
         assert e["averaging_distance"] == pytest.approx(distance, rel=1e-9)
         assert e["random_distance"] == pytest.approx(distance, rel=1e-5)
@@ -129,14 +130,14 @@ def test_heatmap_has_a_row_per_layer_and_a_column_per_kept_epoch(tiny):
     _, _, _, results, _ = tiny
     records = results["layerwise"]
     for base in ("a", "b"):
-        layers, epochs, matrix = heatmap_matrix(records, list(results["layers"]), "naive", base)
+        layers, epochs, matrix = heatmap_matrix(records, list(layers_of(results)), "naive", base)
         assert layers == LAYERS and epochs == [1, 2] and matrix.shape == (3, 2) and np.isfinite(matrix).all()
         # the last kept epoch is the final model: its column equals the final single-layer barriers
         final = {r["layer"]: r["loss_midpoint"] for r in records
                  if (r["kind"], r["base"], r["epoch"], r["split"]) == ("single", base, "", "train")}
         assert matrix[:, 1] == pytest.approx([final[layer] for layer in LAYERS], abs=1e-6)
-    curves = cumulative_curves(records, results["orders"], "naive", "a")
-    assert set(curves) == set(results["orders"]) and all(len(v) == 3 for v in curves.values())
+    curves = cumulative_curves(records, orders_of(results), "naive", "a")
+    assert set(curves) == set(orders_of(results)) and all(len(v) == 3 for v in curves.values())
     assert len({round(v[-1], 9) for v in curves.values()}) == 1  # every order ends at the whole model
 
 
@@ -149,6 +150,17 @@ def test_figures_redraw_from_the_run_directory(tiny):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in FIGURES:
         assert (run_dir / name).stat().st_size > 10_000 and name in proc.stdout
+
+
+def test_collect_gets_a_few_columns_not_one_per_set(tiny):
+    from lmc.report.sweep import job_row
+
+    _, _, run_dir, results, _ = tiny
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    row = job_row(run_dir, run_dir.parent)
+    assert row["status"] == "ok" and row["headline/naive/train/whole_loss"] == results["headline"]["naive"]["train"][
+        "whole_loss"]
+    assert not any(k.startswith(("sets/", "layers/", "orders/", "layerwise/")) for k in row) and len(row) < 80
 
 
 def test_a_second_run_reuses_the_store(tiny, data_root):
@@ -171,7 +183,7 @@ def test_independent_pair_naive_and_aligned_at_every_kept_epoch(tmp_path, data_r
     final = {(r["set"], r["split"]): r["loss"] for r in results["layerwise"]
              if r["epoch"] == "" and r["method"] == "weight_matching" and r["kind"] in ("single", "whole")}
     assert {(r["set"], r["split"]): r["loss"] for r in at} == pytest.approx(final, abs=1e-6)
-    assert results["random_direction"] == [] and list(results["orders"]) == ["shallow"]
+    assert results["random_direction"] == [] and list(orders_of(results)) == ["shallow"]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -226,11 +238,11 @@ def test_resnet18_without_normalisation_runs_on_fabricated_cifar(tmp_path, monke
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     results = run(cfg, tmp_path / "out", overrides)
-    layers = list(results["layers"])
+    layers = list(layers_of(results))
     assert layers[0] == "stem" and "layer4" in layers and not any(x.startswith("layer4.") for x in layers)
-    assert results["over_training"]["epochs"] == [1] and results["normalization"]["reset_bn"] is False
+    assert epochs_of(results) == [1] and results["normalization"]["reset_bn"] is False
     n = len(layers)
-    kinds = [info["kind"] for info in results["sets"].values()]
-    assert n == 21 - 5 + 1 and results["layers"]["layer4"][0] == "layer4.0.conv1.weight"
+    kinds = [info["kind"] for info in results["sets"]]
+    assert n == 21 - 5 + 1 and layers_of(results)["layer4"][0] == "layer4.0.conv1.weight"
     assert kinds.count("single") == n and kinds.count("cumulative") == n and kinds.count("window") == n - 2
     assert kinds.count("random_dir") == n

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmc.studies.layerwise import epochs_of, layers_of, orders_of, sets_of
+
 
 def spread(values, scale=1.0) -> str:
     v = scale * np.asarray(values, dtype=float)
@@ -31,7 +33,7 @@ def main() -> None:
     results = [json.loads((run / "results.json").read_text()) for run in args.runs]
     split, metric, method = args.split, args.metric, args.method
     scale = 100 if metric.startswith("error") else 1
-    layers = list(results[0]["layers"])
+    layers = list(layers_of(results[0]))
     print(f"{len(results)} runs; {split} {metric} (method {method})")
     for tag in "ab":
         print(f"model {tag}: train acc {spread([r['endpoints'][tag]['train']['acc'] for r in results], 100)}  "
@@ -49,15 +51,15 @@ def main() -> None:
     for layer in layers:
         print(f"| {layer} | " + " | ".join(spread([rec(r, kind='single', set=layer, base=b, epoch='') for r in results],
                                                  scale) for b in "ab") + " |")
-    orders = [o for o in results[0]["orders"]]
+    orders = list(orders_of(results[0]))
     print("| order (into A) | " + " | ".join(f"k={k}" for k in range(1, len(layers) + 1)) + " |")
     for base in "ab":
         for order in orders:
             cells = [spread([rec(r, set=f"cum_{order}_{k}", base=base, epoch='') for r in results], scale)
                      for k in range(1, len(layers) + 1)]
-            names = "→".join(results[0]["orders"][order]) if not order.startswith("random") else "seeded"
+            names = "→".join(orders_of(results[0])[order]) if not order.startswith("random") else "seeded"
             print(f"| {order} ({names}) into {base.upper()} | " + " | ".join(cells) + " |")
-    windows = [s for s, info in results[0]["sets"].items() if info["kind"] == "window"]
+    windows = [s for s, info in sets_of(results[0]).items() if info["kind"] == "window"]
     for w in windows:
         print(f"| {w} | " + " | ".join(spread([rec(r, set=w, base=b, epoch='') for r in results], scale)
                                         for b in "ab") + " |")
@@ -71,7 +73,7 @@ def main() -> None:
             cells += [spread([e[f"averaging_{metric}"] for e in entries], scale),
                       spread([e[f"random_{metric}"] for e in entries], scale)]
         print(f"| {layer} | " + " | ".join(cells) + " |")
-    epochs = results[0]["over_training"]["epochs"]
+    epochs = epochs_of(results[0])
     if epochs:
         shown = sorted({epochs[0], epochs[1] if len(epochs) > 1 else epochs[0], epochs[len(epochs) // 6],
                         epochs[len(epochs) // 3], epochs[len(epochs) // 2], epochs[-1]})
@@ -81,8 +83,10 @@ def main() -> None:
                 print(f"| {layer} into {base.upper()} | " + " | ".join(
                     spread([rec(r, kind='single', set=layer, base=base, epoch=e) for r in results], scale)
                     for e in shown) + " |")
-            print(f"| whole model | " + " | ".join(spread([rec(r, kind='whole', epoch=e) for r in results], scale)
-                                                   for e in shown) + " |")
+
+
+        print("| whole model | " + " | ".join(spread([rec(r, kind='whole', epoch=e) for r in results], scale)
+                                             for e in shown) + " |")
 
 
 if __name__ == "__main__":

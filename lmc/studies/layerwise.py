@@ -35,8 +35,9 @@ by the models' (and the alignment's) keys and every setting that determines them
 ``results.json`` tables:
 
 - ``endpoints``: ``{a, b}`` → split → ``{loss, acc}`` (final models);
-- ``layers``: layer → its state-dict keys (model order); ``orders``: cumulative order label → its layers;
-- ``sets``: set name → ``{kind, layer, layers}`` (the final models' sets);
+- ``layers``: ``[{name, keys}]`` in model order; ``orders``: ``[{order, layers}]`` (each cumulative order);
+- ``sets``: ``[{name, kind, layer, layers}]`` (the final models' sets; :func:`layers_of`, :func:`orders_of`,
+  :func:`sets_of` and :func:`epochs_of` read these lists back as mappings);
 - ``barriers``: the whole-model barriers, method → split → ``{loss, error, loss_midpoint, error_midpoint}``;
 - ``layerwise``: one record per curve: ``method, kind, set, layer, base, epoch, split`` and the four barriers
   (``epoch`` empty for the final models; whole-model curves have kind ``whole``);
@@ -44,7 +45,7 @@ by the models' (and the alignment's) keys and every setting that determines them
   mean and std over samples, both distances (the same by construction);
 - ``headline``: method → split → the whole-model loss barrier, the largest single-layer barrier (and its
   layer and base) and the full cumulative set's (equal to the whole model's);
-- ``over_training``: the epochs and optimiser steps measured; ``diagnostics``, ``normalization``.
+- ``over_training``: ``[{epoch, step}]`` measured; ``diagnostics``, ``normalization``.
 
 ``curves.csv``: one long table, :data:`lmc.core.layerwise.LAYERWISE_COLUMNS`. Figures (from those files
 alone): ``heatmap.png`` (single-layer midpoint loss barrier, layer × epoch, into A and into B),
@@ -91,8 +92,8 @@ from lmc.studies import Context, StudyResult
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["Layerwise", "cumulative_curves", "heatmap_matrix", "plot_cumulative", "plot_heatmap",
-           "plot_random_direction", "random_direction_pairs"]
+__all__ = ["Layerwise", "cumulative_curves", "epochs_of", "heatmap_matrix", "layers_of", "orders_of", "plot_cumulative",
+           "plot_heatmap", "plot_random_direction", "random_direction_pairs", "sets_of"]
 
 SPLITS = ("train", "test")
 METRICS = ("loss", "error", "loss_midpoint", "error_midpoint")
@@ -275,14 +276,14 @@ class Layerwise:
                 whole.setdefault(r["method"], {})[r["split"]] = {m: r[m] for m in METRICS}
         tables = {
             "endpoints": endpoints,
-            "layers": {name: list(keys) for name, keys in groups.items()},
-            "orders": orders,
-            "sets": {x.name: {"kind": x.kind, "layer": x.layer, "layers": _layers_of(x, groups)} for x in sets},
+            "layers": [{"name": name, "keys": list(keys)} for name, keys in groups.items()],
+            "orders": [{"order": label, "layers": names} for label, names in orders.items()],
+            "sets": [{"name": x.name, "kind": x.kind, "layer": x.layer, "layers": _layers_of(x, groups)} for x in sets],
             "barriers": whole,
             "headline": _headline(records, orders, groups),
             "layerwise": records,
             "random_direction": random_direction_pairs(records, distances),
-            "over_training": {"epochs": epochs, "steps": [e * steps_per_epoch for e in epochs]},
+            "over_training": [{"epoch": e, "step": e * steps_per_epoch} for e in epochs],
             "diagnostics": diagnostics,
             "normalization": norm,
         }
@@ -329,7 +330,7 @@ class Layerwise:
 
     def summary(self, results: dict) -> str:
         lines = [f"experiment {results['experiment']}  study layerwise  seeds {results['seeds']}  "
-                 f"layers: {', '.join(results['layers'])}"]
+                 f"layers: {', '.join(layers_of(results))}"]
         for tag in ("a", "b"):
             cells = "  ".join(f"{split} loss {v['loss']:.4f} acc {v['acc']:.4f}"
                               for split, v in results["endpoints"][tag].items())
@@ -346,7 +347,7 @@ class Layerwise:
             lines.append("single layers, train loss barrier (into A / into B)")
             for method in dict.fromkeys(r["method"] for r in records):
                 cells = []
-                for layer in results["layers"]:
+                for layer in layers_of(results):
                     vals = {r["base"]: r["loss"] for r in records if r["method"] == method and r["layer"] == layer}
                     cells.append(f"{layer} {' / '.join(f'{vals[b]:.3f}' for b in ('a', 'b') if b in vals)}")
                 lines.append(f"  {method:<18} " + "   ".join(cells))
@@ -365,19 +366,40 @@ class Layerwise:
         methods = list(dict.fromkeys(r["method"] for r in records))
         for i, method in enumerate(methods):
             suffix = "" if i == 0 else f"_{re.sub(r'[^A-Za-z0-9_.+-]', '_', method)}"
-            if results["over_training"]["epochs"]:
-                paths.append(plot_heatmap(records, results["layers"], method, run_dir / f"heatmap{suffix}.png",
+            if epochs_of(results):
+                paths.append(plot_heatmap(records, layers_of(results), method, run_dir / f"heatmap{suffix}.png",
                                           f"{title}\n{method}: single-layer barrier over training"))
-            paths.append(plot_cumulative(records, results["orders"], method, run_dir / f"cumulative{suffix}.png",
+            paths.append(plot_cumulative(records, orders_of(results), method, run_dir / f"cumulative{suffix}.png",
                                          f"{title}\n{method}: cumulative layer sets"))
             if any(r["kind"] == "random_dir" for r in records):
-                paths.append(plot_random_direction(results["random_direction"], results["layers"], method,
+                paths.append(plot_random_direction(results["random_direction"], layers_of(results), method,
                                                    run_dir / f"random_direction{suffix}.png",
                                                    f"{title}\n{method}: averaging vs random direction"))
         return paths
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+def layers_of(results: Mapping) -> dict[str, list[str]]:
+    """results.json's ``layers`` as layer → state-dict keys (model order). The tables that describe the run
+    are lists of records in the file, so that ``lmc.collect`` does not spread them over columns."""
+    return {x["name"]: x["keys"] for x in results["layers"]}
+
+
+def orders_of(results: Mapping) -> dict[str, list[str]]:
+    """Cumulative order label → its layers in order."""
+    return {x["order"]: x["layers"] for x in results["orders"]}
+
+
+def sets_of(results: Mapping) -> dict[str, dict]:
+    """Set name → ``{kind, layer, layers}`` (the final models' sets)."""
+    return {x["name"]: {k: v for k, v in x.items() if k != "name"} for x in results["sets"]}
+
+
+def epochs_of(results: Mapping) -> list[int]:
+    """The kept epochs measured (the heatmap's columns)."""
+    return [x["epoch"] for x in results["over_training"]]
+
 
 def _read_rows(path: Path) -> list[dict]:
     return read_curves(path)
