@@ -338,9 +338,11 @@ class Layerwise:
         lines.append("barriers (max over α; loss / error in points), final models")
         for method, per_split in results["headline"].items():
             for split, h in per_split.items():
+                full = h["full_cumulative_loss"]
                 lines.append(f"  {method:<18} {split:<5} whole {h['whole_loss']:.4f} / {100 * h['whole_error']:.2f}   "
                              f"largest single layer {h['max_single_loss']:.4f} ({h['max_single_layer']}, into "
-                             f"{h['max_single_base'].upper()})   all layers cumulative {h['full_cumulative_loss']:.4f}")
+                             f"{h['max_single_base'].upper()})" + ("" if full is None else
+                                                                    f"   all layers cumulative {full:.4f}"))
         records = [r for r in results["layerwise"]
                    if r["kind"] == "single" and r["epoch"] == "" and r["split"] == "train"]
         if records:
@@ -369,8 +371,9 @@ class Layerwise:
             if epochs_of(results):
                 paths.append(plot_heatmap(records, layers_of(results), method, run_dir / f"heatmap{suffix}.png",
                                           f"{title}\n{method}: single-layer barrier over training"))
-            paths.append(plot_cumulative(records, orders_of(results), method, run_dir / f"cumulative{suffix}.png",
-                                         f"{title}\n{method}: cumulative layer sets"))
+            if any(r["kind"] in ("cumulative", "window") for r in records):
+                paths.append(plot_cumulative(records, orders_of(results), method, run_dir / f"cumulative{suffix}.png",
+                                             f"{title}\n{method}: cumulative layer sets"))
             if any(r["kind"] == "random_dir" for r in records):
                 paths.append(plot_random_direction(results["random_direction"], layers_of(results), method,
                                                    run_dir / f"random_direction{suffix}.png",
@@ -484,7 +487,7 @@ def _headline(records: list[dict], orders: Mapping[str, list[str]], groups: Mapp
             "whole_loss_midpoint": r["loss_midpoint"], "whole_error_midpoint": r["error_midpoint"],
             "max_single_loss": best["loss"], "max_single_error": max(x["error"] for x in singles),
             "max_single_layer": best["layer"], "max_single_base": best["base"],
-            "full_cumulative_loss": max((x["loss"] for x in full), default=float("nan")),
+            "full_cumulative_loss": max((x["loss"] for x in full), default=None),
         }
     return out
 
