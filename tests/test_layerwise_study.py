@@ -246,3 +246,28 @@ def test_resnet18_without_normalisation_runs_on_fabricated_cifar(tmp_path, monke
     assert n == 21 - 5 + 1 and layers_of(results)["layer4"][0] == "layer4.0.conv1.weight"
     assert kinds.count("single") == n and kinds.count("cumulative") == n and kinds.count("window") == n - 2
     assert kinds.count("random_dir") == n
+
+
+def test_sweep_preset_runs_three_pairs_of_both_models():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["sweep=layerwise"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.study.name == "layerwise" and cfg.name == "layerwise_mnist1d"
+    assert dict(cfg.hydra.sweeper.params) == {"seeds": "[0,1],[2,3],[4,5]", "model": "mlp,cnn1d"}
+
+
+def test_models_stored_by_the_pair_study_are_reused_and_their_epochs_replayed(tmp_path, data_root):
+    """A pair spawned at step 0 by the pair study (no kept checkpoints) is the layerwise study's pair: the
+    models come from the store and their epochs are replayed to the stored weights."""
+    store = tmp_path / "store"
+    pair = in_process(tmp_path, data_root, [*TINY[1:4], "spawn.step=0", "interp.layerwise=false", "logger=none",
+                                            "progress=false", f"store.root={store}"], "pair")
+    results = in_process(tmp_path, data_root, [*TINY, "study.orders=[]", "study.windows=[]", "study.random_samples=0",
+                                               f"store.root={store}"], "layerwise")
+    assert results["reused"]["a"] and results["reused"]["b"] and results["reused"]["parent"]
+    assert [results["store"]["hashes"][t] for t in "ab"] == [pair["store"]["hashes"][t] for t in "ab"]
+    assert epochs_of(results) == [1, 2]
+    kept = sorted(p.name for p in (store / "models" / results["store"]["hashes"]["a"] / "checkpoints").glob("*.pt"))
+    assert kept == ["step_00000032.pt", "step_00000064.pt"]  # replayed, and kept in the entry from now on
+    final = {(r["set"], r["base"], r["split"]): r["loss"] for r in results["layerwise"] if r["epoch"] == ""}
+    last = {(r["set"], r["base"], r["split"]): r["loss"] for r in results["layerwise"] if r["epoch"] == 2}
+    assert last == pytest.approx(final, abs=1e-6)  # the replayed last epoch is the stored model
