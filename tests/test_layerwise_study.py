@@ -271,3 +271,35 @@ def test_models_stored_by_the_pair_study_are_reused_and_their_epochs_replayed(tm
     final = {(r["set"], r["base"], r["split"]): r["loss"] for r in results["layerwise"] if r["epoch"] == ""}
     last = {(r["set"], r["base"], r["split"]): r["loss"] for r in results["layerwise"] if r["epoch"] == 2}
     assert last == pytest.approx(final, abs=1e-6)  # the replayed last epoch is the stored model
+
+
+def test_wandb_curves_take_only_the_final_whole_model_rows(tiny):
+    """The W&B reader keys curves like every other: rows of another epoch, base or set never overwrite the
+    whole-model curve (logged against α); the table keeps every column."""
+    from lmc.report.tracking import WandbTracker
+
+    _, _, run_dir, _, _ = tiny
+    rows = [r for r in read_curves(run_dir) if r["epoch"] != "2"]  # epoch 2 is the final model: leave it out
+    logged = []
+
+    class Run:
+        def define_metric(self, *a, **k):
+            pass
+
+        def log(self, values):
+            logged.append(values)
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    t = WandbTracker.__new__(WandbTracker)
+    t.run, t._wandb = Run(), type("W", (), {"Table": Table})
+    t.log_curves(rows)
+    whole = curve(rows)
+    by_alpha = {v["alpha"]: v for v in logged if "alpha" in v}
+    assert sorted(by_alpha) == [0.0, 0.5, 1.0]
+    for alpha, values in by_alpha.items():
+        assert values["interp/naive/train/loss"] == whole[alpha]["loss"]
+    table = logged[-1]["curves"]
+    assert table.columns[-3:] == ["set", "base", "epoch"] and len(table.data) == len(rows)
