@@ -303,3 +303,13 @@ def test_wandb_curves_take_only_the_final_whole_model_rows(tiny):
         assert values["interp/naive/train/loss"] == whole[alpha]["loss"]
     table = logged[-1]["curves"]
     assert table.columns[-3:] == ["set", "base", "epoch"] and len(table.data) == len(rows)
+
+
+def test_a_later_spawn_step_measures_the_epochs_after_it(tmp_path, data_root):
+    """Spawned at step 40 (epoch 1 ends at step 32): only epoch 2 has checkpoints of A and B."""
+    common = [*TINY, "study.orders=[]", "study.windows=[]", "study.random_samples=0", "spawn.step=40",
+              f"store.root={tmp_path / 'store'}"]
+    results = in_process(tmp_path, data_root, common, "late")
+    assert epochs_of(results) == [2] and results["store"]["hashes"]["parent"]
+    with pytest.raises(ConfigError, match=r"study.epochs \[1\] end before the spawn step \(spawn.step=40, 32 steps"):
+        in_process(tmp_path, data_root, [*common, "study.epochs=[1,2]"], "early")

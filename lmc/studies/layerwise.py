@@ -197,6 +197,14 @@ class Layerwise:
         splits = {split: (getattr(data, f"x_{split}"), getattr(data, f"y_{split}")) for split in SPLITS}
         steps_per_epoch = math.ceil(len(data.y_train) / s.train.batch_size)
         epochs = list(range(1, s.train.epochs + 1)) if o.epochs == "all" else sorted(o.epochs)
+        spawn_step = (s.spawn.step or 0) if o.pair == "spawned" else 0
+        if spawn_step:  # A and B exist from the spawn step on: only the epochs that end after it have checkpoints
+            before = [e for e in epochs if e * steps_per_epoch <= spawn_step]
+            if o.epochs != "all" and before:
+                raise ConfigError(f"study.epochs {before} end before the spawn step (spawn.step={spawn_step}, "
+                                  f"{steps_per_epoch} steps per epoch): A and B have no checkpoints there; "
+                                  f"choose epochs after epoch {spawn_step // steps_per_epoch}")
+            epochs = [e for e in epochs if e * steps_per_epoch > spawn_step]
         # checkpoints kept as the models train (bookkeeping, not part of their store identity)
         keep = sorted({*s.train.keep_checkpoints, *epochs}, key=str)
         recipe = Recipe(s.data, data, s.model, replace(s.train, keep_checkpoints=keep), ctx.device)
