@@ -343,22 +343,25 @@ class Layerwise:
             cells = "  ".join(f"{split} loss {v['loss']:.4f} acc {v['acc']:.4f}"
                               for split, v in results["endpoints"][tag].items())
             lines.append(f"  model {tag}: {cells}")
-        lines.append("barriers (max over α; loss / error in points), final models")
+        lines.append("loss barriers of the final models: at α = ½ (the paper's) and max over α")
         for method, per_split in results["headline"].items():
             for split, h in per_split.items():
                 full = h["full_cumulative_loss"]
-                lines.append(f"  {method:<18} {split:<5} whole {h['whole_loss']:.4f} / {100 * h['whole_error']:.2f}   "
-                             f"largest single layer {h['max_single_loss']:.4f} ({h['max_single_layer']}, into "
-                             f"{h['max_single_base'].upper()})" + ("" if full is None else
-                                                                    f"   all layers cumulative {full:.4f}"))
+                lines.append(f"  {method:<18} {split:<5} whole {h['whole_loss_midpoint']:.4f} "
+                             f"(max {h['whole_loss']:.4f})"
+                             f"   largest single layer {h['max_single_loss_midpoint']:.4f} "
+                             f"({h['max_single_layer_midpoint']}, into {h['max_single_base_midpoint'].upper()}; max "
+                             f"{h['max_single_loss']:.4f})" + ("" if full is None else
+                                                               f"   all layers cumulative (max) {full:.4f}"))
         records = [r for r in results["layerwise"]
                    if r["kind"] == "single" and r["epoch"] == "" and r["split"] == "train"]
         if records:
-            lines.append("single layers, train loss barrier (into A / into B)")
+            lines.append("single layers, train loss barrier at α = ½ (into A / into B)")
             for method in dict.fromkeys(r["method"] for r in records):
                 cells = []
                 for layer in layers_of(results):
-                    vals = {r["base"]: r["loss"] for r in records if r["method"] == method and r["layer"] == layer}
+                    vals = {r["base"]: r["loss_midpoint"] for r in records
+                            if r["method"] == method and r["layer"] == layer}
                     cells.append(f"{layer} {' / '.join(f'{vals[b]:.3f}' for b in ('a', 'b') if b in vals)}")
                 lines.append(f"  {method:<18} " + "   ".join(cells))
         return "\n".join(lines)
@@ -488,6 +491,7 @@ def _headline(records: list[dict], orders: Mapping[str, list[str]], groups: Mapp
         singles = [x for x in final
                    if x["kind"] == "single" and x["method"] == r["method"] and x["split"] == r["split"]]
         best = max(singles, key=lambda x: x["loss"])
+        mid = max(singles, key=lambda x: x["loss_midpoint"])
         full = [x for x in final if x["kind"] == "cumulative" and x["method"] == r["method"]
                 and x["split"] == r["split"] and x["set"].endswith(f"_{n}")]
         out.setdefault(r["method"], {})[r["split"]] = {
@@ -495,6 +499,8 @@ def _headline(records: list[dict], orders: Mapping[str, list[str]], groups: Mapp
             "whole_loss_midpoint": r["loss_midpoint"], "whole_error_midpoint": r["error_midpoint"],
             "max_single_loss": best["loss"], "max_single_error": max(x["error"] for x in singles),
             "max_single_layer": best["layer"], "max_single_base": best["base"],
+            "max_single_loss_midpoint": mid["loss_midpoint"], "max_single_layer_midpoint": mid["layer"],
+            "max_single_base_midpoint": mid["base"],
             "full_cumulative_loss": max((x["loss"] for x in full), default=None),
         }
     return out
