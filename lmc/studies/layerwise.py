@@ -44,7 +44,7 @@ by the models' (and the alignment's) keys and every setting that determines them
 - ``random_direction``: per method, layer, base, epoch and split: the averaging barriers, the random ones'
   mean and std over samples, both distances (the same by construction);
 - ``headline``: method → split → the whole-model loss barrier, the largest single-layer barrier (and its
-  layer and base) and the full cumulative set's (equal to the whole model's);
+  layer and base), both at α = ½ and max over α, and the full cumulative set's (the whole model's);
 - ``over_training``: ``[{epoch, step}]`` measured; ``diagnostics``, ``normalization``.
 
 ``curves.csv``: one long table, :data:`lmc.core.layerwise.LAYERWISE_COLUMNS`. Figures (from those files
