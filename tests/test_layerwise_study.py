@@ -303,6 +303,7 @@ def test_wandb_curves_take_only_the_final_whole_model_rows(tiny):
         assert values["interp/naive/train/loss"] == whole[alpha]["loss"]
     table = logged[-1]["curves"]
     assert table.columns[-3:] == ["set", "base", "epoch"] and len(table.data) == len(rows)
+    assert {type(row[-1]) for row in table.data} == {str}  # one type per column, or W&B refuses the table
 
 
 def test_a_later_spawn_step_measures_the_epochs_after_it(tmp_path, data_root):

@@ -103,8 +103,9 @@ class WandbTracker:
             for alpha in sorted(by_alpha):
                 self.run.log({"alpha": alpha, **by_alpha[alpha]})
             cols = ["method", "layer", "split", "alpha", "loss", "acc"]
-            cols += [k for k in dict.fromkeys(k for r in rows for k in r) if k not in cols]  # set, base, epoch, ...
-            self.run.log({"curves": self._wandb.Table(columns=cols, data=[[r.get(c, "") for c in cols] for r in rows])})
+            extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in cols]  # set, base, epoch, ...
+            data = [[r[c] for c in cols] + [str(r.get(c, "")) for c in extra] for r in rows]  # as in curves.csv
+            self.run.log({"curves": self._wandb.Table(columns=cols + extra, data=data)})
 
         self._guard("curve logging", log)
 
