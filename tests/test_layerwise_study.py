@@ -232,9 +232,9 @@ def test_resnet18_without_normalisation_runs_on_fabricated_cifar(tmp_path, monke
     skip_md5_checks(monkeypatch)
     fabricate("cifar10", tmp_path / "data", n_train=64, n_test=32)
     overrides = ["experiment=layerwise_resnet18_cifar", f"data.root={tmp_path / 'data'}", "model.base_channels=2",
-                 "train.epochs=1", "train.batch_size=32", "study.orders=[deep]", "study.windows=[3]",
-                 "study.random_samples=1", "study.blocks={stem:conv,layer4:'layer4.*'}", "logger=none",
-                 "device=cpu", "progress=false", f"store.root={tmp_path / 'store'}"]
+                 "train.epochs=1", "train.batch_size=32", "study.epochs=all", "study.orders=[deep]",
+                 "study.windows=[3]", "study.random_samples=1", "study.blocks={stem:conv,layer4:'layer4.*'}",
+                 "logger=none", "device=cpu", "progress=false", f"store.root={tmp_path / 'store'}"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     results = run(cfg, tmp_path / "out", overrides)
