@@ -155,6 +155,17 @@ def dropout_stability(
     return DropoutStability(loss, 1 - acc, losses, errors)
 
 
+def _single_unit_layers(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """Hidden layers of one unit, as ``(P_<layer>, 1)``: a layer before the last whose weight's output axis
+    has size 1. The spec has no group for them (a one-unit group has only the identity), so they are
+    found from its layers: every layer with a weight (an entry of two or more axes) but the output layer."""
+    weighted = [(name, next(k for k in keys if k in state_dict and state_dict[k].dim() >= 2))
+                for name, keys in spec.layers.items()
+                if any(k in state_dict and state_dict[k].dim() >= 2 for k in keys)]
+    return [(f"P_{name}", int(state_dict[key].shape[0])) for name, key in weighted[:-1]
+            if state_dict[key].shape[0] < 2 and not any(spec.axes_to_perm.get(key, (None,))[:1])]
+
+
 def dropout_path(
     spec: PermutationSpec,
     sd_a: Mapping[str, torch.Tensor],
@@ -165,12 +176,14 @@ def dropout_path(
     kept network beside it, output switched to B's, B½, B]``. A keeps a random half ``S`` of every hidden
     layer (``⌊n/2⌋`` units, seeded), B the rest."""
     groups = hidden_groups(spec, sd_a)
+    narrow = [(g, n) for g, n in spec.sizes.items() if n < 2] + _single_unit_layers(spec, sd_a)
+    if narrow:
+        g, n = narrow[0]
+        raise ConfigError(f"the dropout path needs at least 2 units per hidden layer; group {g} has {n}")
     gen = torch.Generator().manual_seed(seed)
     kept_a = {}
     for g in groups:
         n = spec.sizes[g]
-        if n < 2:
-            raise ConfigError(f"the dropout path needs at least 2 units per hidden layer; group {g} has {n}")
         mask = torch.zeros(n, dtype=torch.bool)
         mask[torch.randperm(n, generator=gen)[: n // 2]] = True
         kept_a[g] = mask
