@@ -37,6 +37,7 @@ STUDIES = {  # study=<name> -> import path of its class (imported when chosen)
     "soup": "lmc.studies.soup.Soup",
     "star": "lmc.studies.star.Star",
     "trees": "lmc.studies.trees.Trees",
+    "over_training": "lmc.studies.over_training.OverTraining",
 }
 
 
