@@ -38,6 +38,7 @@ STUDIES = {  # study=<name> -> import path of its class (imported when chosen)
     "star": "lmc.studies.star.Star",
     "trees": "lmc.studies.trees.Trees",
     "over_training": "lmc.studies.over_training.OverTraining",
+    "dropout_stability": "lmc.studies.dropout_stability.DropoutStability",
 }
 
 
