@@ -39,6 +39,7 @@ STUDIES = {  # study=<name> -> import path of its class (imported when chosen)
     "trees": "lmc.studies.trees.Trees",
     "over_training": "lmc.studies.over_training.OverTraining",
     "dropout_stability": "lmc.studies.dropout_stability.DropoutStability",
+    "permutation_invariance": "lmc.studies.permutation_invariance.PermutationInvariance",
 }
 
 
