@@ -243,6 +243,7 @@ class OverTraining:
             ax.axhline(100 * results["stability"], color="k", ls=":", label=f"{100 * results['stability']:g}% (stable)")
             if len(x) > 1 and x.max() >= 8:
                 ax.set_xscale("symlog", linthresh=1)
+                ax.set_xlim(left=0)
             ax.set_xlabel("spawn step k (optimiser steps)")
             ax.set_ylabel("error barrier, max − mean of ends (points)")
             ax.set_title("Frankle et al.: instability", fontsize=9)
