@@ -65,6 +65,7 @@ from lmc.core.permutation import (
     sinkhorn,
     ste,
     weight_matching,
+    weight_matching_restarts,
 )
 from lmc.core.plane import plane_grid
 from lmc.core.training import TrainConfig, evaluate, seeded_init, train
@@ -112,4 +113,5 @@ __all__ = [
     "train",
     "uniform_soup",
     "weight_matching",
+    "weight_matching_restarts",
 ]

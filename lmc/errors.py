@@ -21,3 +21,9 @@ class CorruptFile(StoreError):
 class WriteFailed(StoreError):
     """A file could not be written (no space left, read-only folder); the file it would have replaced is
     intact. The message names the path and the reason."""
+
+
+class WrongSymmetry(RuntimeError):
+    """An alignment changed the function of the model it permuted: the model's symmetry (traced spec or
+    declared ``symmetry()``) is wrong for it. The message names the groups involved; the command line
+    reports it as one line and exits 1, before any barrier is computed."""

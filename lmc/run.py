@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from lmc.config import CONF_DIR, check_group_choices, register_configs, settings_from_config
 from lmc.core.training import TrainingDiverged
-from lmc.errors import ConfigError, StoreError
+from lmc.errors import ConfigError, StoreError, WrongSymmetry
 from lmc.io import atomic_write, write_curves
 from lmc.report.results import link_models, run_results, write_results
 from lmc.report.tracking import flatten, tracker
@@ -115,7 +115,7 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         return run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except Exception as exc:
-        user_fault = isinstance(exc, (ConfigError, StoreError, TrainingDiverged))
+        user_fault = isinstance(exc, (ConfigError, StoreError, TrainingDiverged, WrongSymmetry))
         message = f"error: {exc}" if user_fault else f"error: {type(exc).__name__}: {exc}"
         with contextlib.suppress(StoreError):  # a full disk may refuse error.txt too; the message still goes out
             atomic_write(run_dir / "error.txt", message + ("\n" if user_fault else "\n" + traceback.format_exc()))

@@ -163,7 +163,8 @@ def test_wandb_failing_mid_run_warns_and_keeps_local_files(tmp_path, data_root, 
     assert json.loads((tmp_path / "results.json").read_text())["barriers"] == results["barriers"]
     assert runs[0].finished_with == 0
     # a run that fails still finishes its W&B run (marked failed)
-    monkeypatch.setattr("lmc.stages.alignment.align", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr("lmc.stages.alignment.WeightMatching.runs",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     cfg.align.max_iter = 7  # a new alignment setting: not in the store, so align() runs
     with pytest.raises(RuntimeError, match="boom"):
         run(cfg, tmp_path / "failed")

@@ -20,6 +20,7 @@ from lmc.core.permutation.declared import declares_symmetry, relative_output_dif
 from lmc.core.permutation.trees import TreeSymmetry, TreeTransform
 from lmc.core.training import seeded_init
 from lmc.errors import ConfigError
+from lmc.errors import WrongSymmetry as WrongSymmetryError
 from lmc.io import read_curves
 from lmc.run import CONF_DIR, run
 from lmc.stages.alignment import apply_alignment, declared_alignment
@@ -103,7 +104,7 @@ def test_a_wrong_declared_symmetry_stops_the_run_naming_the_model(tmp_path):
     model_a, model_b = _pair()
     wrong = WrongSymmetry(model_a.shape, model_a.trees)
     data = _Data(torch.randn(64, 5, generator=torch.Generator().manual_seed(0)) * 3)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(WrongSymmetryError) as info:
         declared_alignment(Store(tmp_path), wrong, "weight_matching", {"invariances": ["perm", "flip"]}, model_a,
                            model_b, ("a", "b"), data)
     message = str(info.value)

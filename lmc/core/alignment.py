@@ -21,6 +21,7 @@ from torch import nn
 
 from lmc.core.data import Dataset
 from lmc.core.permutation import (
+    MatchingRuns,
     Permutation,
     PermutationSpec,
     activation_matching,
@@ -28,7 +29,7 @@ from lmc.core.permutation import (
     merge_many,
     sinkhorn_rebasin,
     ste,
-    weight_matching,
+    weight_matching_restarts,
 )
 from lmc.core.permutation.annealing import annealing
 from lmc.errors import ConfigError
@@ -39,6 +40,7 @@ __all__ = ["ALIGN_METHODS", "MERGE_MODES", "ActivationMatching", "AlignmentMetho
            "method_from_options", "train_batches"]
 
 Seed = NonNegativeInt
+RESTARTS = 1  # default align.restarts: from init="sequential" one run suffices (benchmarks/wm_restarts.py)
 
 
 class AlignmentMethod(Protocol):
@@ -75,11 +77,17 @@ class WeightMatching:
     linear assignment per group, until no group improves."""
 
     max_iter: PositiveInt = 100  # passes over all groups at most
-    seed: Seed = 0  # seeds the random group order
+    seed: Seed = 0  # seeds the random group order (restart r: the r-th order drawn from it)
+    restarts: PositiveInt = RESTARTS  # descents from different group orders, the highest objective kept
+    init: Literal["identity", "sequential"] = "sequential"  # start: each group placed once | identity (Git Re-Basin)
 
     def __call__(self, spec, model_a, model_b, data=None) -> Permutation:
-        return weight_matching(spec, _parameters(model_a), _parameters(model_b), max_iter=self.max_iter,
-                               seed=self.seed)
+        return self.runs(spec, model_a, model_b).perm
+
+    def runs(self, spec, model_a, model_b) -> MatchingRuns:
+        """Every restart's objective and seed, and the permutation of the one kept."""
+        return weight_matching_restarts(spec, _parameters(model_a), _parameters(model_b), restarts=self.restarts,
+                                        seed=self.seed, init=self.init, max_iter=self.max_iter)
 
 
 @dataclass

@@ -271,9 +271,14 @@ def train(
                 epoch_seen += len(idx)
                 step += 1
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-                if checkpoints is not None and i + 1 < steps_per_epoch and (step in keep_steps or step == last_step):
-                    check_finite(epoch_sum + total.item(), epoch)  # a kept step or the spawn point, mid-epoch
-                    save(epoch_start_gen, epoch_sum + total.item(), epoch_seen)
+                if i + 1 < steps_per_epoch and (step in keep_steps or step == last_step):
+                    # a kept step or the spawn point, mid-epoch: the partial sum is folded here whether or not
+                    # this run checkpoints, so a run resumed from here adds the same numbers in the same order
+                    epoch_sum += total.item()
+                    total.zero_()
+                    if checkpoints is not None:
+                        check_finite(epoch_sum, epoch)
+                        save(epoch_start_gen, epoch_sum, epoch_seen)
                 if step >= last_step:
                     break
             mean_loss = (epoch_sum + total.item()) / epoch_seen

@@ -95,15 +95,17 @@ class WandbTracker:
             self.run.define_metric("interp/*", step_metric="alpha")
             by_alpha: dict[float, dict[str, float]] = {}
             for r in rows:
-                if r["layer"]:
-                    continue
+                if any(r.get(k) not in ("", None) for k in ("layer", "set", "base", "epoch")):
+                    continue  # the final models' whole-model curves only (a curve is keyed by all of these)
                 d = by_alpha.setdefault(float(r["alpha"]), {})
                 d[f"interp/{r['method']}/{r['split']}/loss"] = r["loss"]
                 d[f"interp/{r['method']}/{r['split']}/error"] = 1 - r["acc"]
             for alpha in sorted(by_alpha):
                 self.run.log({"alpha": alpha, **by_alpha[alpha]})
             cols = ["method", "layer", "split", "alpha", "loss", "acc"]
-            self.run.log({"curves": self._wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
+            extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in cols]  # set, base, epoch, ...
+            data = [[r[c] for c in cols] + [str(r.get(c, "")) for c in extra] for r in rows]  # as in curves.csv
+            self.run.log({"curves": self._wandb.Table(columns=cols + extra, data=data)})
 
         self._guard("curve logging", log)
 

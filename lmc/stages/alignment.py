@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmc.core.alignment import align, align_many
+from lmc.core.alignment import WeightMatching, align, align_many
 from lmc.core.data import Dataset
 from lmc.core.diagnostics import alignment_diagnostics
 from lmc.core.permutation import Permutation, PermutationSpec, apply_permutation, permutation_spec
@@ -38,14 +38,15 @@ from lmc.core.permutation.declared import (
     SAME_FUNCTION_TOLERANCE,
     DeclaredSymmetry,
     declares_symmetry,
-    relative_output_difference,
+    function_change,
 )
-from lmc.errors import ConfigError
+from lmc.errors import ConfigError, WrongSymmetry
 from lmc.io import load_verified, save_atomic
 from lmc.stages.settings import AlignSettings, ModelSettings
 from lmc.stages.store import Store
 
 __all__ = ["Aligned", "Symmetry", "aligned_pair", "aligned_to_first", "apply_alignment", "check_method",
+           "checked_permutation",
            "declared_alignment", "symmetry_of"]
 
 CHECK_ROWS = 512  # training rows on which an aligned model must compute B's function
@@ -108,16 +109,45 @@ def aligned_pair(
     method = settings.build()
 
     def compute():
-        perm = align(method, spec, model_a, model_b, data)
+        runs = method.runs(spec, model_a, model_b) if isinstance(method, WeightMatching) else None
+        perm = runs.perm if runs is not None else align(method, spec, model_a, model_b, data)
         params = [dict(m.named_parameters()) for m in (model_a, model_b)]
-        return perm, alignment_diagnostics(spec, *params, perm)
+        diagnostics = alignment_diagnostics(spec, *params, perm)
+        if runs is not None:  # every restart's objective, and which was kept
+            diagnostics["restarts"] = {"objectives": runs.objectives, "seeds": runs.seeds, "kept": runs.kept}
+        return perm, diagnostics
 
     key = {"align": settings.identity(), "a": hashes[0], "b": hashes[1]}
     (perm, diagnostics), h, reused = store.cached(
         "alignments", key, compute,
         lambda path, value: save_atomic(path / "perm.pt", dict(zip(("perm", "diagnostics"), value))),
         lambda path: itemgetter("perm", "diagnostics")(load_verified(path / "perm.pt")))
+    if perm is not None and data is not None:
+        difference = checked_permutation(spec, perm, model_b, data.x_train[:CHECK_ROWS], settings.method)
+        diagnostics = {**diagnostics, "output_difference": difference}
     return Aligned(perm, diagnostics, h, reused)
+
+
+def checked_permutation(spec: PermutationSpec, perm: Permutation, model: nn.Module, x: torch.Tensor,
+                        method: str) -> float:
+    """The relative change of ``model``'s outputs on ``x`` when ``perm`` permutes its state dict
+    (:func:`~lmc.core.permutation.declared.function_change`: evaluation mode, and training mode where it has
+    BatchNorm). A permutation of a correct spec leaves the function unchanged up to rounding; one above
+    :data:`SAME_FUNCTION_TOLERANCE` raises :class:`~lmc.errors.WrongSymmetry` naming the groups whose
+    permutation alone changes the function, before any barrier is computed."""
+    sd = model.state_dict()
+    difference = function_change(model, sd, apply_permutation(spec, perm, sd), x)
+    if difference <= SAME_FUNCTION_TOLERANCE:
+        return difference
+    identity = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    groups = [g for g in spec.sizes if not torch.equal(perm[g].cpu(), identity[g])
+              and not function_change(model, sd, apply_permutation(spec, {**identity, g: perm[g]}, sd), x)
+              <= SAME_FUNCTION_TOLERANCE]
+    named = ", ".join(groups) if groups else "none alone (only their combination)"
+    raise WrongSymmetry(f"{method}'s permutation changed the function of model {type(model).__qualname__}: "
+                        f"relative output difference {difference:.3g} > {SAME_FUNCTION_TOLERANCE:g} on {len(x)} "
+                        f"training rows; groups whose permutation alone changes it: {named}; the permutation spec "
+                        "is wrong for this model (pass a correct spec, or report the model's operations)")
 
 
 def declared_alignment(
@@ -150,10 +180,10 @@ def declared_alignment(
         "alignments", key, compute,
         lambda path, value: save_atomic(path / "perm.pt", {"perm": value[0].to_dict(), "diagnostics": value[1]}),
         lambda path: _read_declared(symmetry, path))
-    difference = relative_output_difference(model_b, sd_b, symmetry.apply(element, sd_b), data.x_train[:CHECK_ROWS])
+    difference = function_change(model_b, sd_b, symmetry.apply(element, sd_b), data.x_train[:CHECK_ROWS])
     if not difference <= SAME_FUNCTION_TOLERANCE:
         model = f"{type(model_b).__module__}.{type(model_b).__qualname__}"
-        raise ConfigError(f"{method} of model {model} changed its function: relative output difference "
+        raise WrongSymmetry(f"{method} of model {model} changed its function: relative output difference "
                           f"{difference:.3g} > {SAME_FUNCTION_TOLERANCE:g} on {len(data.x_train[:CHECK_ROWS])} "
                           "training rows; the symmetry the model declares (symmetry()) is wrong")
     return Aligned(element, {**diagnostics, "output_difference": difference}, h, reused)
@@ -175,4 +205,8 @@ def aligned_to_first(settings: AlignSettings, spec: Symmetry, models: Sequence[n
     if not isinstance(spec, PermutationSpec):
         raise ConfigError(f"align.merge={settings.merge} needs a traced permutation spec; the model declares its "
                           "own symmetry; valid: align.merge=none")
-    return align_many(settings.build(), settings.merge, spec, list(models), data)
+    perms = align_many(settings.build(), settings.merge, spec, list(models), data)
+    if data is not None:
+        for model, perm in zip(models[1:], perms[1:]):
+            checked_permutation(spec, perm, model, data.x_train[:CHECK_ROWS], f"align.merge={settings.merge}")
+    return perms

@@ -250,6 +250,10 @@ def parse_align(values: Mapping[str, Any]) -> AlignSettings:
     if merge == "merge_many" and cls is not WeightMatching:
         raise ConfigError(f"align.merge=merge_many uses weight matching, got align._target_={target}; "
                           "valid: weight_matching")
+    if method in ALIGN_METHODS:  # the align group's own keys at their defaults are not meant for this class
+        accepted = inspect.signature(cls).parameters
+        defaults = asdict(ALIGN_METHODS[method]())
+        values = {k: v for k, v in values.items() if k in accepted or k not in defaults or v != defaults[k]}
     options = parse_options(cls, values, "align", f"alignment method {target}")
     label = next((n for n, c in ALIGN_METHODS.items() if c is cls), target)
     return AlignSettings(label, None if label in ALIGN_METHODS else target, merge, options,

@@ -33,6 +33,7 @@ from lmc.stages.store import Store
 __all__ = ["STUDIES", "Context", "Study", "StudyResult", "Timings", "load_study", "study_names"]
 
 STUDIES = {  # study=<name> -> import path of its class (imported when chosen)
+    "layerwise": "lmc.studies.layerwise.Layerwise",
     "pair": "lmc.studies.pair.Pair",
     "soup": "lmc.studies.soup.Soup",
     "star": "lmc.studies.star.Star",

@@ -31,7 +31,15 @@ from lmc.core.training import evaluate
 from lmc.errors import ConfigError
 from lmc.report.plotting import plot_run
 from lmc.report.results import summary_table
-from lmc.stages.alignment import aligned_pair, aligned_to_first, apply_alignment, check_method, symmetry_of
+from lmc.stages.alignment import (
+    CHECK_ROWS,
+    aligned_pair,
+    aligned_to_first,
+    apply_alignment,
+    check_method,
+    checked_permutation,
+    symmetry_of,
+)
 from lmc.stages.curves import interpolation_curves, stored_curves
 from lmc.stages.endpoints import Recipe, Seeds, seed_models, spawned_models
 from lmc.stages.settings import RunSettings, check_seeds
@@ -107,6 +115,8 @@ class Pair:
                             for name, group in (("naive", sds), (method, frames))}
                 params = [dict(m.named_parameters()) for m in (model_a, model_b)]
                 perm, diagnostic, perm_hash = perms[1], alignment_diagnostics(spec, *params, perms[1]), None
+                diagnostic["output_difference"] = checked_permutation(spec, perm, model_b, data.x_train[:CHECK_ROWS],
+                                                                      method)
             elif method != "none":
                 result = aligned_pair(ctx.store, s.align, spec, model_a, model_b, (hashes["a"], hashes["b"]), data)
                 perm, diagnostic, perm_hash = result.perm, result.diagnostics, result.hash

@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 __all__ = ["DECLARED_METHODS", "SAME_FUNCTION_TOLERANCE", "DeclaredSymmetry", "declares_symmetry",
-           "relative_output_difference"]
+           "function_change", "relative_output_difference"]
 
 # the alignment methods a declared symmetry provides (align.method); the others need a traced spec
 DECLARED_METHODS = ("weight_matching", "activation_matching", "none")
@@ -59,6 +59,26 @@ class DeclaredSymmetry(Protocol):
 def declares_symmetry(model: nn.Module | type) -> bool:
     """Whether a model (or model class) declares its symmetry by a ``symmetry()`` method."""
     return callable(getattr(model, "symmetry", None))
+
+
+@torch.no_grad()
+def function_change(model: nn.Module, reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                    x: torch.Tensor) -> float:
+    """The largest :func:`relative_output_difference` of ``model`` with ``other`` against ``reference`` in
+    evaluation mode (running statistics) and, where the model has BatchNorm, in training mode too (batch
+    statistics; the running-statistics updates go to copies, the state dicts are left as they were). One
+    forward pass per state dict and mode; the model's mode is restored."""
+    was_training = model.training
+    try:
+        model.eval()
+        worst = relative_output_difference(model, reference, other, x)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            model.train()
+            copies = [{k: v.clone() for k, v in sd.items()} for sd in (reference, other)]
+            worst = max(worst, relative_output_difference(model, *copies, x))
+    finally:
+        model.train(was_training)
+    return worst
 
 
 @torch.no_grad()
