@@ -20,7 +20,7 @@ from lmc.errors import ConfigError, CorruptFile, WriteFailed
 from lmc.io import read_curves
 from lmc.report.plotting import plot_sweep
 from lmc.report.results import read_results
-from lmc.report.sweep import sweep_points
+from lmc.report.sweep import collect, sweep_points, sweep_value
 from lmc.studies import study_for_results
 
 __all__ = ["main"]
@@ -73,7 +73,26 @@ def _sweep(sweep_dir: Path, x: str, split: str) -> int:
         return 2
     title = f"barriers against {x}: {sweep_dir}"
     print(plot_sweep(points, x, sweep_dir / f"barrier_vs_{x}.png", split=split, title=title))
+    for path in _study_sweep_figures(sweep_dir, x, split):
+        print(path)
     return 0
+
+
+def _study_sweep_figures(sweep_dir: Path, x: str, split: str) -> list[Path]:
+    """A study's own figure against the swept setting (its ``sweep_figure(sweep_dir, jobs, x, split)``, where
+    ``jobs`` are ``(x value, results)`` of its finished jobs), for every study of the sweep that has one."""
+    by_study: dict = {}
+    for row in collect(sweep_dir):
+        if row["status"] == "ok":
+            results = read_results(sweep_dir / row["job"])
+            value = sweep_value(results, x)
+            by_study.setdefault(results.get("study", "pair"), []).append((value, results))
+    paths = []
+    for name, jobs in by_study.items():
+        figure = getattr(study_for_results({"study": name}), "sweep_figure", None)
+        if figure is not None:
+            paths.append(figure(sweep_dir, jobs, x, split))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

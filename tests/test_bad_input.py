@@ -37,7 +37,8 @@ DATASETS = ("breast_cancer, cifar10, cifar100, digits, fashion_mnist, mnist, mni
     (["model=transformer"],
      "error: unknown model 'transformer'; valid: cnn1d, mlp, resnet18, resnet20, soft_trees, vgg"),
     (["data=imagenet"], "error: unknown data 'imagenet'; valid: " + DATASETS),
-    (["align=magic"], "error: unknown align 'magic'; valid: activation_matching, none, sinkhorn, ste, weight_matching"),
+    (["align=magic"], "error: unknown align 'magic'; valid: activation_matching, annealing, none, sinkhorn, ste, "
+     "weight_matching"),
     (["seeds=[0,0.5]"], "error: seeds must be 2 distinct integers, e.g. seeds=[0,1]; got [0, 0.5]"),
     (["data_seeds=[3]"], "error: data_seeds must be 2 integers, e.g. data_seeds=[0,1]; got [3]"),
     (["store.on_corrupt=ignore"], "error: unknown store.on_corrupt 'ignore'; valid: error, retrain"),

@@ -104,7 +104,7 @@ def test_wandb_offline_run_lands_in_run_directory(tmp_path, data_root):
         ("model.width=0", "model.width must be a positive integer, got 0"),
         ("train.epochs=-1", "train.epochs must be a positive integer, got -1"),
         ("align.method=magic",
-         "unknown align.method 'magic'; valid: activation_matching, none, sinkhorn, ste, weight_matching"),
+         "unknown align.method 'magic'; valid: activation_matching, annealing, none, sinkhorn, ste, weight_matching"),
         ("data.name=imagenet",
          "unknown data.name 'imagenet'; valid: breast_cancer, cifar10, cifar100, digits, fashion_mnist, mnist, "
          "mnist1d, mnist1d_tabular, openml, svhn, table, tensors"),

@@ -31,12 +31,13 @@ from lmc.core.permutation import (
     ste,
     weight_matching_restarts,
 )
+from lmc.core.permutation.annealing import annealing
 from lmc.errors import ConfigError
 from lmc.settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, parse
 
-__all__ = ["ALIGN_METHODS", "MERGE_MODES", "ActivationMatching", "AlignmentMethod", "NoAlignment", "STE", "Sinkhorn",
-           "WeightMatching", "align", "align_many", "check_merge", "check_same_architecture", "method_from_options",
-           "train_batches"]
+__all__ = ["ALIGN_METHODS", "MERGE_MODES", "ActivationMatching", "AlignmentMethod", "Annealing", "NoAlignment", "STE",
+           "Sinkhorn", "WeightMatching", "align", "align_many", "check_merge", "check_same_architecture",
+           "method_from_options", "train_batches"]
 
 Seed = NonNegativeInt
 RESTARTS = 1  # default align.restarts: from init="sequential" one run suffices (benchmarks/wm_restarts.py)
@@ -150,6 +151,29 @@ class Sinkhorn:
 
 
 @dataclass
+class Annealing:
+    """Simulated annealing (Entezari et al. 2022, their ``barrier_SA``): one permutation per group, a move
+    swaps two random units in every group, energy = the barrier at α = ½ on fixed training batches."""
+
+    steps: PositiveInt = 50_000  # proposals (their code: 50 000)
+    t_start: PositiveFloat = 250.0  # first temperature, in the units of metric (their tmax 25000 in percent)
+    t_end: PositiveFloat = 0.025  # last temperature (their tmin 2.5 in percent)
+    schedule: Literal["exponential", "linear"] = "exponential"  # cooling (simanneal's: exponential)
+    metric: Literal["error", "loss"] = "error"  # energy: midpoint error (theirs) or cross-entropy minus the ends'
+    proposals: PositiveInt = 1  # proposals evaluated per forward pass (speed only, same decisions)
+    num_batches: PositiveInt = 1  # fixed training batches the energy is measured on (their code: 1)
+    batch_size: PositiveInt = 500  # examples per batch
+    seed: Seed = 0  # seeds the batches drawn and every move and acceptance draw
+
+    def __call__(self, spec, model_a, model_b, data=None) -> Permutation:
+        batches = train_batches(_needs_data("annealing", data), self.batch_size, self.seed)
+        fixed = [next(batches) for _ in range(self.num_batches)]
+        return annealing(spec, model_a, model_a.state_dict(), model_b.state_dict(), fixed, steps=self.steps,
+                         t_start=self.t_start, t_end=self.t_end, schedule=self.schedule, metric=self.metric,
+                         proposals=self.proposals, seed=self.seed)
+
+
+@dataclass
 class NoAlignment:
     """No alignment: only the naive interpolation of the two endpoints."""
 
@@ -162,6 +186,7 @@ ALIGN_METHODS: dict[str, type] = {  # align.method -> class
     "activation_matching": ActivationMatching,
     "ste": STE,
     "sinkhorn": Sinkhorn,
+    "annealing": Annealing,
     "none": NoAlignment,
 }
 MERGE_MODES = ("none", "reference", "merge_many")

@@ -17,7 +17,7 @@ from pathlib import Path
 from lmc.report.results import read_results
 from lmc.report.tracking import flatten
 
-__all__ = ["collect", "job_row", "sweep_points", "to_csv"]
+__all__ = ["collect", "job_row", "sweep_points", "sweep_value", "to_csv"]
 
 FIRST_COLUMNS = ["job", "status", "overrides", "error", "experiment", "study", "seeds"]
 NOT_TABLES = ("experiment", "study", "seeds", "config", "store", "reused", "diagnostics")  # not flattened to columns
@@ -95,6 +95,14 @@ def _select(config: dict, dotted: str):
     return node
 
 
+def sweep_value(results: dict, x: str):
+    """The value of the dotted config key ``x`` in a job's results (lists and dicts as strings); KeyError if absent."""
+    value = _select(results.get("config", {}), x)
+    if value is _MISSING:
+        raise KeyError(x)
+    return str(value) if isinstance(value, (list, dict)) else value
+
+
 def sweep_points(sweep_dir: str | Path, x: str) -> list[dict]:
     """``{x, method, split, loss, error}`` for every finished job of a sweep and every barrier it holds.
 
@@ -106,10 +114,10 @@ def sweep_points(sweep_dir: str | Path, x: str) -> list[dict]:
         if row["status"] != "ok":
             continue
         results = read_results(sweep_dir / row["job"])
-        value = _select(results.get("config", {}), x)
-        if value is _MISSING:
-            raise KeyError(f"job {row['job']} has no setting '{x}' in its config")
-        value = str(value) if isinstance(value, (list, dict)) else value
+        try:
+            value = sweep_value(results, x)
+        except KeyError:
+            raise KeyError(f"job {row['job']} has no setting '{x}' in its config") from None
         for method, per_split in results["barriers"].items():
             for split, b in per_split.items():
                 points.append({"x": value, "method": method, "split": split, "loss": b["loss"], "error": b["error"]})

@@ -38,6 +38,9 @@ STUDIES = {  # study=<name> -> import path of its class (imported when chosen)
     "soup": "lmc.studies.soup.Soup",
     "star": "lmc.studies.star.Star",
     "trees": "lmc.studies.trees.Trees",
+    "over_training": "lmc.studies.over_training.OverTraining",
+    "dropout_stability": "lmc.studies.dropout_stability.DropoutStability",
+    "permutation_invariance": "lmc.studies.permutation_invariance.PermutationInvariance",
 }
 
 
