@@ -27,18 +27,24 @@ def _methods(rows, layered: bool) -> list[str]:
     return seen
 
 
-def _save(fig, axes, path: str | os.PathLike, title: str) -> Path:
-    """Legend on the first panel, the title, then the PNG at ``path``; the figure is closed."""
-    axes[0].legend(fontsize=8)
+def save_figure(fig, path: str | os.PathLike, title: str = "", dpi: int = 80, fontsize: float | None = 10) -> Path:
+    """The figure's title, then the PNG at ``path``, written atomically (a failed write leaves the previous
+    figure); the figure is closed. Every figure of lmc and its studies is saved here."""
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     path = Path(path)
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, format="png")
+    fig.savefig(buf, dpi=dpi, format="png")
     plt.close(fig)
-    atomic_write(path, buf.getvalue())  # a failed write leaves the previous figure
+    atomic_write(path, buf.getvalue())
     return path
+
+
+def _save(fig, axes, path: str | os.PathLike, title: str) -> Path:
+    """Legend on the first panel, then :func:`save_figure`."""
+    axes[0].legend(fontsize=8)
+    return save_figure(fig, path, title, dpi=120, fontsize=None)
 
 
 def plot_curves(rows: list[Mapping], path: str | os.PathLike, title: str = "") -> Path:

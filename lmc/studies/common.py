@@ -4,10 +4,8 @@ barriers between two state dicts, mean ± std over pairs, and saving a figure.""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +19,7 @@ from lmc.core.normalization import resolve_reset_bn
 from lmc.core.permutation import apply_permutation
 from lmc.core.permutation.declared import declares_symmetry
 from lmc.errors import ConfigError
-from lmc.io import atomic_write
+from lmc.report.plotting import save_figure
 from lmc.settings import show
 from lmc.stages.alignment import aligned_pair
 from lmc.stages.curves import interpolation_curves, stored_curves
@@ -122,16 +120,3 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
-def save_figure(fig, path: Path, title: str = "") -> Path:
-    import matplotlib.pyplot as plt
-
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=80, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return path

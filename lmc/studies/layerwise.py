@@ -56,7 +56,6 @@ alone): ``heatmap.png`` (single-layer midpoint loss barrier, layer × epoch, int
 from __future__ import annotations
 
 import copy
-import io
 import math
 import re
 from collections.abc import Mapping
@@ -82,7 +81,8 @@ from lmc.core.layerwise import (
 from lmc.core.normalization import corrections, resolve_reset_bn, stat_batches
 from lmc.core.training import evaluate
 from lmc.errors import ConfigError
-from lmc.io import atomic_write, read_curves, write_curves
+from lmc.io import read_curves, write_curves
+from lmc.report.plotting import save_figure
 from lmc.settings import NonNegativeInt, PositiveInt, show
 from lmc.stages.alignment import aligned_pair, apply_alignment, check_method, symmetry_of
 from lmc.stages.endpoints import Recipe, Seeds, StoredModel, kept_states, seed_models, spawned_models
@@ -559,7 +559,7 @@ def plot_heatmap(records: list[dict], layers: Mapping | list, method: str, path:
                     if np.isfinite(matrix[i, j]):
                         ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6)
         fig.colorbar(im, ax=ax, label=f"{FIGURE_SPLIT} loss barrier at α = ½")
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def plot_cumulative(records: list[dict], orders: Mapping[str, list[str]], method: str, path: Path,
@@ -592,7 +592,7 @@ def plot_cumulative(records: list[dict], orders: Mapping[str, list[str]], method
             ax.axhline(0, color="grey", lw=0.5)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def plot_random_direction(entries: list[dict], layers: Mapping | list, method: str, path: Path,
@@ -617,16 +617,5 @@ def plot_random_direction(entries: list[dict], layers: Mapping | list, method: s
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3, axis="y")
     axes[0, 0].legend(fontsize=7)
-    return _save(fig, path, title)
-
-
-def _save(fig, path: Path, title: str) -> Path:
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=80, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return path
+    return save_figure(fig, path, title)
 

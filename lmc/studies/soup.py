@@ -94,7 +94,7 @@ from lmc.core.permutation import apply_permutation, permutation_spec  # noqa: E4
 from lmc.core.plane import plane_basis, plane_grid  # noqa: E402
 from lmc.core.training import TrainConfig, evaluate  # noqa: E402
 from lmc.errors import ConfigError  # noqa: E402
-from lmc.io import atomic_write  # noqa: E402
+from lmc.report.plotting import save_figure  # noqa: E402
 from lmc.settings import Min, NonNegativeInt, PositiveInt, coerce, parse, show  # noqa: E402
 from lmc.stages.alignment import aligned_pair, aligned_to_first  # noqa: E402
 from lmc.stages.curves import interpolation_curves, stored_curves  # noqa: E402
@@ -661,17 +661,6 @@ def _fmt(x) -> str:
     return "  nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-def _save(fig, path: Path) -> Path:
-    import io
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, dpi=100, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return path
-
-
 def _plot_merges(results: Mapping, path: Path) -> Path:
     """Accuracy per merge method (bars: mean over seeds, error bars: std, dots: each seed), the best child and
     the ensemble as lines; one panel per split, and one for the independently initialised models."""
@@ -714,7 +703,7 @@ def _plot_merges(results: Mapping, path: Path) -> Path:
         ax.legend(fontsize=7, loc="lower right")
     n = len(results["seeds"])
     fig.suptitle(f"{results['experiment']}: merges (mean ± std over {n} seed{'s' * (n > 1)})", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def _plot_greedy(results: Mapping, path: Path) -> Path:
@@ -744,7 +733,7 @@ def _plot_greedy(results: Mapping, path: Path) -> Path:
     ax.legend(fontsize=7)
     n = len(records)
     ax.set_title(f"{results['experiment']}: greedy soup ({n} seed{'s' * (n > 1)})", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def _plot_plane(results: Mapping, path: Path) -> Path:
@@ -769,4 +758,4 @@ def _plot_plane(results: Mapping, path: Path) -> Path:
     ax.set_ylabel("b (orthogonal, in the plane of the third)")
     ax.legend(fontsize=7, loc="best")
     ax.set_title(f"{results['experiment']}: {plane['split']} loss on the plane (seed {plane['seed']})", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)

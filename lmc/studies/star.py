@@ -50,7 +50,6 @@ barriers per pair type, every pair a point).
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, replace
 from operator import itemgetter
 from pathlib import Path
@@ -68,7 +67,8 @@ from lmc.core.permutation.declared import declares_symmetry
 from lmc.core.star import PAIR_TYPES, StarConfig, best_matching, pair_barriers, star_pairs, summarise, train_star
 from lmc.core.training import evaluate
 from lmc.errors import ConfigError
-from lmc.io import atomic_write, load_verified, save_atomic
+from lmc.io import load_verified, save_atomic
+from lmc.report.plotting import save_figure
 from lmc.settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, show
 from lmc.stages.alignment import Aligned, aligned_pair
 from lmc.stages.curves import interpolation_curves, stored_curves
@@ -404,7 +404,7 @@ def plot_pair_type_curves(rows: list[dict], path: Path, title: str = "") -> Path
             if row == 1:
                 ax.set_xlabel("α  (0 = first model, 1 = second, aligned)")
     axes[0, 0].legend(fontsize=8)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def plot_pair_type_barriers(pairs: list[dict], path: Path, title: str = "") -> Path:
@@ -423,19 +423,8 @@ def plot_pair_type_barriers(pairs: list[dict], path: Path, title: str = "") -> P
         ax.set_title(f"{split} {metric} barrier" + (" (points)" if metric == "error" else ""), fontsize=10)
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def _metric(row: dict, metric: str) -> float:
     return float(row["loss"]) if metric == "loss" else 1.0 - float(row["acc"])
-
-
-def _save(fig, path: Path, title: str) -> Path:
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=80, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())  # a failed write leaves the previous figure
-    return path

@@ -50,6 +50,7 @@ from lmc.core.permutation import PermutationSpec
 from lmc.core.permutation.trees import ablations
 from lmc.core.training import evaluate
 from lmc.errors import ConfigError
+from lmc.report.plotting import save_figure
 from lmc.settings import Min, NonNegativeInt, PositiveInt
 from lmc.stages.alignment import aligned_pair, apply_alignment, declared_alignment, symmetry_of
 from lmc.stages.curves import interpolation_curves, stored_curves
@@ -255,7 +256,7 @@ def _plot_barriers(barriers: dict, path: Path, title: str) -> Path:
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("percentage points (mean ± std, dots: pairs)")
-    return _save(fig, path, title)
+    return save_figure(fig, path, title, dpi=100)
 
 
 def _plot_curves(rows: list[dict], path: Path, title: str) -> Path:
@@ -277,15 +278,7 @@ def _plot_curves(rows: list[dict], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%), mean ± std over pairs")
     axes[0].legend(fontsize=8)
-    return _save(fig, path, title)
-
-
-def _save(fig, path: Path, title: str) -> Path:
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, dpi=100)
 
 
 # --------------------------------------------------------------------------- the paper's table, over runs
@@ -329,4 +322,4 @@ def plot_table(rows: list[dict], path: str | Path) -> Path:
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3, axis="y")
     axes[0, 0].legend(fontsize=8, ncol=len(variants))
-    return _save(fig, Path(path), "accuracy barrier per model and variant (mean ± std over seed pairs)")
+    return save_figure(fig, Path(path), "accuracy barrier per model and variant (mean ± std over seed pairs)", dpi=100)
