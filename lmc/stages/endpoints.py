@@ -30,13 +30,13 @@ from torch import nn
 
 from lmc.core.data import Dataset
 from lmc.core.training import TrainConfig, check_thread_safe, concurrently, seeded_init, train
-from lmc.errors import CorruptCheckpoint, StoreError
+from lmc.errors import ConfigError, CorruptCheckpoint, StoreError
 from lmc.io import CheckpointDir, atomic_write, load_verified, save_atomic
 from lmc.stages.settings import DataSettings, ModelSettings
 from lmc.stages.store import Store
 
-__all__ = ["NOT_DATA_IDENTITY", "NOT_TRAIN_IDENTITY", "Recipe", "Seeds", "StoredModel", "kept_states",
-           "model_settings", "seed_models", "spawned_models", "trained_model"]
+__all__ = ["NOT_DATA_IDENTITY", "NOT_TRAIN_IDENTITY", "Recipe", "Seeds", "StoredModel", "check_spawn_step",
+           "kept_states", "model_settings", "seed_models", "spawned_models", "trained_model"]
 
 NOT_DATA_IDENTITY = ("root", "download")  # where the data lives, not what it is
 NOT_TRAIN_IDENTITY = ("checkpoint_every", "keep_checkpoints", "concurrent_pair", "compile")  # not the weights
@@ -245,6 +245,15 @@ def seed_models(
 
     jobs = [partial(get, i, s) for i, s in enumerate(seeds)]
     return concurrently(jobs, recipe.train.concurrent_pair, recipe.device)
+
+
+def check_spawn_step(step: int, train_rows: int, train: TrainConfig, whose: str = "") -> None:
+    """A one-line ConfigError unless ``0 <= step <=`` the training run's optimiser steps (``train.epochs`` ×
+    steps per epoch over ``train_rows`` examples); ``whose`` names whose steps per epoch they are."""
+    total = math.ceil(train_rows / train.batch_size) * train.epochs
+    if not 0 <= step <= total:
+        raise ConfigError(f"spawn.step must be an integer step in [0, {total}] (train.epochs × {whose}steps per "
+                          f"epoch) or null, got {step}")
 
 
 def spawned_models(

@@ -85,7 +85,7 @@ from lmc.io import read_curves, write_curves
 from lmc.report.plotting import save_figure
 from lmc.settings import NonNegativeInt, PositiveInt, show
 from lmc.stages.alignment import aligned_pair, apply_alignment, check_method, symmetry_of
-from lmc.stages.endpoints import Recipe, Seeds, StoredModel, kept_states, seed_models, spawned_models
+from lmc.stages.endpoints import Recipe, Seeds, StoredModel, check_spawn_step, kept_states, seed_models, spawned_models
 from lmc.stages.settings import RunSettings, check_seeds
 from lmc.studies import Context, StudyResult
 
@@ -309,10 +309,7 @@ class Layerwise:
             stored = seed_models(ctx.store, recipe, triples, None, ["a", "b"], ctx.progress)
             return stored, [recipe.settings(t) for t in triples], None
         step = s.spawn.step or 0
-        total = math.ceil(len(recipe.dataset.y_train) / s.train.batch_size) * s.train.epochs
-        if not 0 <= step <= total:
-            raise ConfigError(f"spawn.step must be an integer step in [0, {total}] (train.epochs × steps per "
-                              f"epoch) or null, got {step}")
+        check_spawn_step(step, len(recipe.dataset.y_train), s.train)
         children = [Seeds(seeds[0], d, a) for d, a in zip(data_seeds, aug_seeds)]
         stored, parent = spawned_models(ctx.store, recipe, Seeds(seeds[0], data_seeds[0], aug_seeds[0]), children,
                                         step, ["a", "b"], ctx.progress)

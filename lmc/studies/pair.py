@@ -15,7 +15,6 @@ whole model and one layer at a time (Adilova et al.). Variants, each one setting
 
 from __future__ import annotations
 
-import math
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from lmc.stages.alignment import (
     symmetry_of,
 )
 from lmc.stages.curves import interpolation_curves, stored_curves
-from lmc.stages.endpoints import Recipe, Seeds, seed_models, spawned_models
+from lmc.stages.endpoints import Recipe, Seeds, check_spawn_step, seed_models, spawned_models
 from lmc.stages.settings import RunSettings, check_seeds
 from lmc.studies import Context, StudyResult
 
@@ -161,10 +160,7 @@ class Pair:
             if s.data.split != "none":
                 parts = list(split_pair(recipe.dataset, s.data.split, s.data.split_fraction, s.data.split_seed))
             return seed_models(ctx.store, recipe, triples, parts, tags, ctx.progress)
-        total = math.ceil(len(recipe.dataset.y_train) / s.train.batch_size) * s.train.epochs
-        if not 0 <= step <= total:
-            raise ConfigError(f"spawn.step must be an integer step in [0, {total}] (train.epochs × steps per "
-                              f"epoch) or null, got {step}")
+        check_spawn_step(step, len(recipe.dataset.y_train), s.train)
         children = [Seeds(seeds[0], d, a) for d, a in zip(data_seeds, aug_seeds)]
         stored, parent = spawned_models(ctx.store, recipe, Seeds(seeds[0], data_seeds[0], aug_seeds[0]), children,
                                         step, tags, ctx.progress)

@@ -98,7 +98,15 @@ from lmc.report.plotting import save_figure  # noqa: E402
 from lmc.settings import Min, NonNegativeInt, PositiveInt, coerce, parse, show  # noqa: E402
 from lmc.stages.alignment import aligned_pair, aligned_to_first  # noqa: E402
 from lmc.stages.curves import interpolation_curves, stored_curves  # noqa: E402
-from lmc.stages.endpoints import NOT_TRAIN_IDENTITY, Recipe, Seeds, StoredModel, kept_states, trained_model  # noqa: E402
+from lmc.stages.endpoints import (  # noqa: E402
+    NOT_TRAIN_IDENTITY,
+    Recipe,
+    Seeds,
+    StoredModel,
+    check_spawn_step,
+    kept_states,
+    trained_model,
+)
 from lmc.stages.merging import (  # noqa: E402
     fine_tuned_model,
     finetune_from,
@@ -346,10 +354,7 @@ class Soup:
                                      "seed": opts.pretrain_seed}}
         step = s.spawn.step
         if step is not None:
-            total = math.ceil(len(parent_data.y_train) / s.train.batch_size) * s.train.epochs
-            if not 0 <= step <= total:
-                raise ConfigError(f"spawn.step must be an integer step in [0, {total}] (train.epochs × the parent's "
-                                  f"steps per epoch) or null, got {step}")
+            check_spawn_step(step, len(parent_data.y_train), s.train, whose="the parent's ")
         settings = self._identity(recipe, Seeds(seed, seed, seed), holdout,
                                   None if step is None else {"stop_step": step}, **pretrain)
         return trained_model(ctx.store, settings, recipe.build, parent_data, s.train, stop_step=step,
