@@ -80,10 +80,10 @@ def _groups_help() -> str:
 def _studies_help() -> str:
     from lmc.settings import locate
 
-    lines = []
+    lines, width = [], max(map(len, STUDIES))
     for name, path in STUDIES.items():
         doc = (locate(path, "study").__doc__ or "").strip().splitlines()
-        lines.append(f"  study={name:<12} {doc[0] if doc else ''}")
+        lines.append(f"  study={name:<{width}}  {doc[0] if doc else ''}")
     return "\n".join(lines)
 
 
