@@ -70,6 +70,8 @@ def test_results_hold_every_pair_type_per_pair_and_summarised(tiny_star):
         {f"star{s}-anchor{a}" for s in range(2) for a in range(3)}
     # every alignment improved the matching objective
     assert all(d["objective_after"] >= d["objective_before"] for d in results["diagnostics"].values())
+    # and was checked at run time to leave the permuted model's function unchanged
+    assert all(0 <= d["output_difference"] <= 1e-5 for d in results["diagnostics"].values())
     # curves.csv: every pair's curve with its pair type
     rows = read_curves(run_dir)
     assert len(rows) == sum(COUNTS.values()) * 2 * 5

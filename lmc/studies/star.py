@@ -70,7 +70,7 @@ from lmc.errors import ConfigError
 from lmc.io import load_verified, save_atomic
 from lmc.report.plotting import save_figure
 from lmc.settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, show
-from lmc.stages.alignment import Aligned, aligned_pair
+from lmc.stages.alignment import CHECK_ROWS, Aligned, aligned_pair, checked_permutation
 from lmc.stages.curves import interpolation_curves, stored_curves
 from lmc.stages.endpoints import Recipe, Seeds, StoredModel, seed_models, trained_model
 from lmc.stages.settings import RunSettings
@@ -252,7 +252,8 @@ class Star:
             "alignments", key, compute,
             lambda path, value: save_atomic(path / "perm.pt", dict(zip(("perm", "diagnostics"), value))),
             lambda path: itemgetter("perm", "diagnostics")(load_verified(path / "perm.pt")))
-        return Aligned(perm, diagnostics, h, reused)
+        difference = checked_permutation(spec, perm, b.model, data.x_train[:CHECK_ROWS], s.align.method)
+        return Aligned(perm, {**diagnostics, "output_difference": difference}, h, reused)
 
     @staticmethod
     def _curves(ctx: Context, a: StoredModel, b: StoredModel, spec, aligned: Aligned | None, norm, data, splits):
