@@ -32,7 +32,13 @@ from torch import nn
 from lmc.core.alignment import WeightMatching, align, align_many
 from lmc.core.data import Dataset
 from lmc.core.diagnostics import alignment_diagnostics
-from lmc.core.permutation import Permutation, PermutationSpec, apply_permutation, permutation_spec
+from lmc.core.permutation import (
+    Permutation,
+    PermutationSpec,
+    apply_permutation,
+    identity_permutation,
+    permutation_spec,
+)
 from lmc.core.permutation.declared import (
     DECLARED_METHODS,
     SAME_FUNCTION_TOLERANCE,
@@ -139,7 +145,7 @@ def checked_permutation(spec: PermutationSpec, perm: Permutation, model: nn.Modu
     difference = function_change(model, sd, apply_permutation(spec, perm, sd), x)
     if difference <= SAME_FUNCTION_TOLERANCE:
         return difference
-    identity = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    identity = identity_permutation(spec)
     groups = [g for g in spec.sizes if not torch.equal(perm[g].cpu(), identity[g])
               and not function_change(model, sd, apply_permutation(spec, {**identity, g: perm[g]}, sd), x)
               <= SAME_FUNCTION_TOLERANCE]
@@ -199,14 +205,15 @@ def _distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> f
 
 
 def aligned_to_first(settings: AlignSettings, spec: Symmetry, models: Sequence[nn.Module],
-                     data: Dataset | None) -> list[Permutation]:
+                     data: Dataset) -> tuple[list[Permutation], list[float]]:
     """Permutations bringing every model into the first one's frame (``align.merge``: each to the first,
-    or Git Re-Basin's MergeMany); not stored (they depend on every model at once). Traced specs only."""
+    or Git Re-Basin's MergeMany), and each one's run-time check (:func:`checked_permutation`; 0 for the
+    first model); not stored (they depend on every model at once). Traced specs only."""
     if not isinstance(spec, PermutationSpec):
         raise ConfigError(f"align.merge={settings.merge} needs a traced permutation spec; the model declares its "
                           "own symmetry; valid: align.merge=none")
     perms = align_many(settings.build(), settings.merge, spec, list(models), data)
-    if data is not None:
-        for model, perm in zip(models[1:], perms[1:]):
-            checked_permutation(spec, perm, model, data.x_train[:CHECK_ROWS], f"align.merge={settings.merge}")
-    return perms
+    differences = [0.0] + [checked_permutation(spec, perm, model, data.x_train[:CHECK_ROWS],
+                                               f"align.merge={settings.merge}")
+                           for model, perm in zip(models[1:], perms[1:])]
+    return perms, differences

@@ -31,12 +31,10 @@ from lmc.errors import ConfigError
 from lmc.report.plotting import plot_run
 from lmc.report.results import summary_table
 from lmc.stages.alignment import (
-    CHECK_ROWS,
     aligned_pair,
     aligned_to_first,
     apply_alignment,
     check_method,
-    checked_permutation,
     symmetry_of,
 )
 from lmc.stages.curves import interpolation_curves, stored_curves
@@ -107,15 +105,14 @@ class Pair:
             diagnostics, pairwise = {}, {}
             method = s.align.method
             if s.align.merge != "none":  # several models, all aligned into A's frame; barriers between every two
-                perms = aligned_to_first(s.align, spec, models, data)
+                perms, differences = aligned_to_first(s.align, spec, models, data)
                 sds = [m.state_dict() for m in models]
                 frames = [apply_permutation(spec, p, sd) for p, sd in zip(perms, sds)]
                 pairwise = {name: pairwise_barriers(model_a, group, alphas, splits, seeds, batch_size=eval_batch)
                             for name, group in (("naive", sds), (method, frames))}
                 params = [dict(m.named_parameters()) for m in (model_a, model_b)]
                 perm, diagnostic, perm_hash = perms[1], alignment_diagnostics(spec, *params, perms[1]), None
-                diagnostic["output_difference"] = checked_permutation(spec, perm, model_b, data.x_train[:CHECK_ROWS],
-                                                                      method)
+                diagnostic["output_difference"] = differences[1]
             elif method != "none":
                 result = aligned_pair(ctx.store, s.align, spec, model_a, model_b, (hashes["a"], hashes["b"]), data)
                 perm, diagnostic, perm_hash = result.perm, result.diagnostics, result.hash

@@ -481,7 +481,7 @@ class Soup:
         if s.align.method != "none":
             spec = permutation_spec(models[0], recipe.dataset.x_train[:2])
             if s.align.merge != "none":
-                perms = [None, *aligned_to_first(s.align, spec, models, recipe.dataset)[1:]]  # the first: identity
+                perms = [None, *aligned_to_first(s.align, spec, models, recipe.dataset)[0][1:]]  # the first: identity
                 perm_hash = permutation_digest(perms[1])  # not stored (it depends on every model at once)
             else:
                 aligned = [aligned_pair(ctx.store, s.align, spec, models[0], m.model, (stored[0].hash, m.hash),
