@@ -33,15 +33,20 @@ SPLITS = ("train", "test")
 METHODS = ("naive", *(m for m in ALIGN_METHODS if m != "none"))  # what a study's ``methods`` may name
 
 
-def check_pairs(run: RunSettings, study: str) -> list[tuple[int, int]]:
+def check_pairs(run: RunSettings, study: str, one_seed_each: bool = True) -> list[tuple[int, int]]:
     """``seeds`` paired in order, ``(seeds[0], seeds[1]), (seeds[2], seeds[3])…``; a ConfigError unless an
-    even number of distinct seeds, and unless data_seeds/aug_seeds are null (each model is one seed)."""
+    even number of distinct seeds, and, with ``one_seed_each``, unless data_seeds/aug_seeds are null (each
+    model is one seed); without it they are checked to give one seed per model."""
     seeds = run.seeds
     if not isinstance(seeds, list) or len(seeds) < 2 or len(seeds) % 2:
         raise ConfigError(f"study={study} pairs the seeds in order, so it needs an even number of them, e.g. "
                           f"seeds=[0,1,2,3]; got {show(seeds)}")
     check_seeds(seeds, len(seeds))
-    if run.data_seeds is not None or run.aug_seeds is not None:
+    if not one_seed_each:
+        for name in ("data_seeds", "aug_seeds"):
+            if getattr(run, name) is not None:
+                check_seeds(getattr(run, name), len(seeds), name=name, distinct=False)
+    elif run.data_seeds is not None or run.aug_seeds is not None:
         raise ConfigError(f"study={study} seeds each model by one seed (init, data order, augmentation); "
                           "data_seeds and aug_seeds are not read: set them to null")
     return list(zip(seeds[0::2], seeds[1::2]))

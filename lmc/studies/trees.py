@@ -55,8 +55,9 @@ from lmc.settings import Min, NonNegativeInt, PositiveInt
 from lmc.stages.alignment import aligned_pair, apply_alignment, declared_alignment, symmetry_of
 from lmc.stages.curves import interpolation_curves, stored_curves
 from lmc.stages.endpoints import Recipe, Seeds, seed_models
-from lmc.stages.settings import AlignSettings, RunSettings, check_seeds
+from lmc.stages.settings import AlignSettings, RunSettings
 from lmc.studies import Context, StudyResult
+from lmc.studies.common import check_pairs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -78,14 +79,7 @@ class Trees:
         activation_seed: NonNegativeInt  # draws those rows
 
     def check(self, run: RunSettings, options: Any) -> None:
-        seeds = run.seeds
-        if not isinstance(seeds, list) or len(seeds) < 2 or len(seeds) % 2:
-            raise ConfigError(f"study=trees pairs the seeds in order, so it needs an even number of them, e.g. "
-                              f"seeds=[0,1,2,3]; got {seeds}")
-        check_seeds(seeds, len(seeds))
-        for name in ("data_seeds", "aug_seeds"):
-            if getattr(run, name) is not None:
-                check_seeds(getattr(run, name), len(seeds), name=name, distinct=False)
+        check_pairs(run, self.name, one_seed_each=False)
         if not options.learning_rates or len(set(options.learning_rates)) != len(options.learning_rates):
             raise ConfigError(f"study.learning_rates must be distinct positive numbers, e.g. [0.01,0.001,0.0001]; "
                               f"got {options.learning_rates}")
